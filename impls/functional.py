@@ -19,6 +19,31 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def topk(x: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` along ``dim`` with ties broken towards the lower index, the same on every device.
+
+    ``torch.topk`` leaves the order of equal values unspecified, and CPU and CUDA kernels resolve
+    them differently: a zero-initialized gate (Shazeer et al. 2017) or quantized scores then route
+    to different experts on different devices. Here equal scores go to the lower expert index.
+    For ``k = 1`` this is ``argmax`` (documented to return the first maximum); otherwise the top-k
+    runs on an exact ``int64`` key built from the float32 bit pattern (order-preserving) and the
+    reversed index, so no two keys tie. Values are gathered from ``x`` and carry its gradient.
+    ``-0.0`` ranks just below ``+0.0``.
+    """
+    dim = dim % x.dim()
+    if k == 1:
+        ids = x.argmax(dim, keepdim=True)
+        return x.gather(dim, ids), ids
+    bits = x.detach().float().contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    n = x.shape[dim]
+    rev_shape = [1] * x.dim()
+    rev_shape[dim] = n
+    rev = torch.arange(n - 1, -1, -1, device=x.device).view(rev_shape)
+    ids = (ordered * n + rev).topk(k, dim=dim).indices
+    return x.gather(dim, ids), ids
+
+
 def masked_mean(x: torch.Tensor, token_mask_T: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
     """Mean of ``x`` over ``dim`` (the token axis) counting only valid tokens."""
     if token_mask_T is None:

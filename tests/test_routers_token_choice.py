@@ -400,3 +400,30 @@ def test_evomoe_temperature_anneals_and_the_threshold_sparsifies() -> None:
     router.temperature = 0.05
     cold = router(x).experts_per_token
     assert cold < hot and cold >= 1
+
+
+# ---------------------------------------------------------------------------- device-independent top-k
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_topk_breaks_ties_towards_the_lower_expert_index(k: int) -> None:
+    x = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 3.0, -2.0], [float("-inf"), 2.0, 2.0, 2.0]])
+    values, ids = impls.functional.topk(x, k)
+    expected = torch.tensor([[0, 1, 2], [1, 2, 0], [1, 2, 3]])[:, :k]
+    assert torch.equal(ids, expected)
+    assert torch.equal(values, x.gather(1, expected))
+
+
+def test_topk_equals_torch_topk_without_ties_and_passes_gradients() -> None:
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    values, ids = impls.functional.topk(x, 4)
+    ref = torch.topk(x, 4, dim=-1)
+    assert torch.equal(ids, ref.indices) and torch.equal(values, ref.values)
+    values.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x).scatter(1, ids, 1.0))
+
+
+def test_zero_initialized_noisy_gate_routes_ties_to_the_first_experts_in_eval() -> None:
+    router = impls.build_router("noisy_topk", d_model=8, num_experts=6, k=2).eval()
+    plan = router(torch.randn(5, 8))
+    assert torch.equal(plan.expert_ids_TK, torch.tensor([[0, 1]] * 5))

@@ -67,6 +67,7 @@ from typing import Any, Literal
 
 import torch
 
+from impls.functional import topk
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
@@ -159,7 +160,7 @@ class BIPRouter(Router):
                 q0 = self.q if cfg.warm_start else torch.zeros_like(self.q)
                 self.q.copy_(bip_duals(s_TE.detach(), cfg.k, q0, cfg.bip_iters, token_mask_T))
         q = self.q.clone()
-        ids_TK = (s_TE.detach() - q).topk(cfg.k, dim=-1).indices
+        ids_TK = topk(s_TE.detach() - q, cfg.k)[1]
         w_TK = s_TE.gather(1, ids_TK)
         renorm = cfg.k > 1 if cfg.renormalize is None else cfg.renormalize
         if renorm:

@@ -115,6 +115,7 @@ from impls.functional import (
     load_balance_loss,
     masked_mean,
     sequence_load_balance_loss,
+    topk,
     z_loss,
 )
 from impls.plan import RoutingPlan
@@ -182,7 +183,7 @@ def group_limited_mask(
     T, E = select_TE.shape
     grouped = select_TE.view(T, n_group, E // n_group)
     score_TG = grouped.max(-1).values if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
-    top_g = score_TG.topk(topk_group, dim=-1).indices
+    top_g = topk(score_TG, topk_group)[1]
     keep_TG = torch.zeros_like(score_TG, dtype=torch.bool).scatter(1, top_g, True)
     return keep_TG[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
 
@@ -249,7 +250,7 @@ class DeepSeekRouter(Router):
         if cfg.n_group > 1:
             allowed_TE = group_limited_mask(select_TE, cfg.n_group, cfg.topk_group, cfg.group_score)
             select_TE = select_TE.masked_fill(~allowed_TE, float("-inf"))
-        ids_TK = torch.topk(select_TE, cfg.k, dim=-1).indices
+        ids_TK = topk(select_TE, cfg.k)[1]
         w_TK = scores_TE.gather(1, ids_TK)  # unbiased scores, as computed
         if cfg.normalize:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(1e-20)

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from impls.functional import cv_squared, entropy, masked_mean
+from impls.functional import cv_squared, entropy, masked_mean, topk
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
@@ -192,7 +192,7 @@ class DenseGateRouter(Router):
         probs_TE = torch.softmax(h_TE / self.temperature, dim=-1)
         T = probs_TE.shape[0]
         if not self.training and cfg.eval_k is not None:
-            w_TK, ids_TK = torch.topk(probs_TE, cfg.eval_k, dim=-1)
+            w_TK, ids_TK = topk(probs_TE, cfg.eval_k)
         else:
             ids_TK = torch.arange(E, device=probs_TE.device).expand(T, E)
             w_TK = probs_TE

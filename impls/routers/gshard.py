@@ -66,7 +66,7 @@ from typing import Literal
 
 import torch
 
-from impls.functional import load_balance_loss, z_loss
+from impls.functional import load_balance_loss, topk, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
@@ -143,7 +143,7 @@ class GShardRouter(Router):
 
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        g_TK, ids_TK = torch.topk(probs_TE, 2, dim=-1)
+        g_TK, ids_TK = topk(probs_TE, 2)
         losses = {
             # GShard's c_e counts first choices only
             "load_balance": load_balance_loss(probs_TE, ids_TK[:, :1], token_mask_T),

@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impls.functional import cv_squared, expert_counts, masked_mean
+from impls.functional import cv_squared, expert_counts, masked_mean, topk
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
@@ -171,7 +171,7 @@ class NoisyTopKRouter(Router):
             h_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
         else:
             h_TE = logits_TE
-        top_v, top_i = torch.topk(h_TE, min(k + 1, E), dim=-1)
+        top_v, top_i = topk(h_TE, min(k + 1, E))
         ids_TK, w_TK = top_i[:, :k], torch.softmax(top_v[:, :k], dim=-1)
         if token_mask_T is not None:
             w_TK = w_TK * token_mask_T[:, None]
@@ -252,7 +252,7 @@ class VMoERouter(Router):
             probs_TE = torch.softmax(noisy_logits_TE, dim=-1)
         else:
             probs_TE = clean_TE
-        w_TK, ids_TK = torch.topk(probs_TE, k, dim=-1)
+        w_TK, ids_TK = topk(probs_TE, k)
         if noisy:
             threshold_T1 = torch.topk(noisy_logits_TE, k, dim=-1).values[:, k - 1 : k]
             p_TE = 1.0 - normal_cdf((threshold_T1 - logits_TE) / sigma)

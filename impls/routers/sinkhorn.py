@@ -128,6 +128,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from impls.functional import topk
 from impls.ops.sinkhorn import SinkhornResult, sinkhorn
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
@@ -206,7 +207,7 @@ class _TransportRouter(Router):
         info: dict[str, Any],
     ) -> RoutingPlan:
         """Top-k of ``select_TE`` per token, combine weights gathered from ``gate_TE``."""
-        ids_TK = select_TE.detach().topk(self.config.k, dim=-1).indices
+        ids_TK = topk(select_TE.detach(), self.config.k)[1]
         w_TK = gate_TE.gather(1, ids_TK)
         if renormalize:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).tiny)

@@ -72,7 +72,7 @@ from dataclasses import dataclass
 
 import torch
 
-from impls.functional import load_balance_loss, z_loss
+from impls.functional import load_balance_loss, topk, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
@@ -109,7 +109,7 @@ class SwitchRouter(Router):
 
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        w_TK, ids_TK = torch.topk(probs_TE, self.config.k, dim=-1)
+        w_TK, ids_TK = topk(probs_TE, self.config.k)
         if token_mask_T is not None:
             w_TK = w_TK * token_mask_T[:, None]
         losses = {

@@ -82,7 +82,7 @@ from typing import Literal
 
 import torch
 
-from impls.functional import load_balance_loss, z_loss
+from impls.functional import load_balance_loss, topk, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
@@ -137,9 +137,9 @@ def topk_softmax(
     """``(probs_TE, expert_ids_TK, weights_TK)`` of softmax top-k routing (float32)."""
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     if order == "after":
-        top_logits, ids = torch.topk(logits_TE, k, dim=-1)
+        top_logits, ids = topk(logits_TE, k)
         return probs_TE, ids, torch.softmax(top_logits.float(), dim=-1)
-    top_p, ids = torch.topk(probs_TE, k, dim=-1)
+    top_p, ids = topk(probs_TE, k)
     if normalize:
         denom = top_p.sum(-1, keepdim=True) if p == 1.0 else top_p.norm(p=p, dim=-1, keepdim=True)
         top_p = top_p / denom.clamp_min(1e-20)
