@@ -221,14 +221,14 @@ def make_steps(layer, dense, x, g, coefs):
     def moe_step(saved: SavedBytes | None = None) -> None:
         with saved.hooks() if saved else contextlib.nullcontext():
             y, plan = layer(x)
-            loss = (y.float() * g.float()).sum() + plan.aux_loss(coefs)
-        loss.backward()
+            aux = plan.aux_loss(coefs)
+        torch.autograd.backward([y, aux], [g, None])  # the same upstream gradient as the dense step
 
     def loop_step(saved: SavedBytes | None = None) -> None:
         with saved.hooks() if saved else contextlib.nullcontext():
             y, plan = moe_loop_reference(layer, x)
-            loss = (y.float() * g.float()).sum() + plan.aux_loss(coefs)
-        loss.backward()
+            aux = plan.aux_loss(coefs)
+        torch.autograd.backward([y, aux], [g, None])
 
     return {"dense": dense_step, "moe": moe_step, "loop": loop_step}
 
@@ -289,8 +289,8 @@ def _moe_step_with_impl(layer, x, g, coefs, impl: str):
         try:
             with saved.hooks() if saved else contextlib.nullcontext():
                 y, plan = layer(x)
-                loss = (y.float() * g.float()).sum() + plan.aux_loss(coefs)
-            loss.backward()
+                aux = plan.aux_loss(coefs)
+            torch.autograd.backward([y, aux], [g, None])
         finally:
             layer.expert_impl = before
 
