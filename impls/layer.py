@@ -58,6 +58,7 @@ class Dispatch:
     Attributes:
         token_N: token feeding sorted row ``n`` (``N + 1`` entries).
         slot_pos_TK: sorted row of slot ``(t, j)`` (a permutation of ``0..N-1``).
+        slot_N: flat slot ``t * K + j`` of each sorted row (the inverse permutation).
         gather_TK: ``slot_pos_TK`` where the slot is computed, else the spare row ``N``.
         counts_E: rows per expert; rows ``>= counts_E.sum()`` belong to no expert.
         valid_N: sorted row ``n`` is computed by an expert (``N + 1`` entries).
@@ -67,6 +68,7 @@ class Dispatch:
 
     token_N: torch.Tensor
     slot_pos_TK: torch.Tensor
+    slot_N: torch.Tensor
     gather_TK: torch.Tensor
     counts_E: torch.Tensor
     valid_N: torch.Tensor
@@ -96,6 +98,7 @@ def make_dispatch(plan: RoutingPlan) -> Dispatch:
     return Dispatch(
         token_N=torch.cat([token_N, spare]),
         slot_pos_TK=slot_pos_TK,
+        slot_N=order_N,
         gather_TK=torch.where(keep_TK, slot_pos_TK, N),
         counts_E=counts_E,
         valid_N=torch.cat([sorted_key_N < E, spare.bool()]),
@@ -150,23 +153,72 @@ def permute(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
     return _PermuteRows.apply(x_TD, d)
 
 
+class _WeightedUnpermute(torch.autograd.Function):
+    """``out_t = sum_j w_tj * y[gather_tj]`` (kept slots only) as one batched matmul per direction.
+
+    Forward: gather the ``K`` rows of each token, zero the slots that are not computed (their rows
+    may hold uninitialized values, and ``NaN * 0`` is ``NaN``), and contract them with the weights
+    in ``bmm`` (float32 accumulation; the weights are cast to the rows' dtype, as in Megatron-Core
+    and Hugging Face). Backward: the row gradient is ``w_tj * grad_t`` put back in sorted order by a
+    *gather* through the inverse permutation (no zero fill, no atomics, deterministic); the weight
+    gradient is ``<grad_t, y[gather_tj]>``. The gathered rows are recomputed in backward instead of
+    saved, so the layer keeps no ``[T, K, D]`` activation.
+    """
+
+    @staticmethod
+    def forward(ctx, y_ND, w_TK, d):  # type: ignore[override]
+        T, K = d.gather_TK.shape
+        r_TKD = _kept_rows(y_ND, d)
+        ctx.d = d
+        ctx.save_for_backward(y_ND, w_TK)
+        return torch.bmm(w_TK.to(y_ND.dtype).view(T, 1, K), r_TKD).view(T, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_TD):  # type: ignore[override]
+        y_ND, w_TK = ctx.saved_tensors
+        d = ctx.d
+        T, K = d.gather_TK.shape
+        N, D = T * K, y_ND.shape[1]
+        grad_TD = grad_TD.to(y_ND.dtype).contiguous()
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # slot (t, j) holds w_tj * grad_t; unkept slots have w = 0, so their rows get exact zeros
+            g_TKD = torch.bmm(w_TK.to(y_ND.dtype).view(T, K, 1), grad_TD.view(T, 1, D))
+            grad_y = y_ND.new_empty(N + 1, D)
+            torch.index_select(g_TKD.view(N, D), 0, d.slot_N, out=grad_y[:N])
+            grad_y[N].zero_()
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(_kept_rows(y_ND, d), grad_TD.view(T, D, 1)).view(T, K).to(w_TK.dtype)
+        return grad_y, grad_w, None
+
+
+def _kept_rows(y_ND: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """``[T, K, D]`` rows of every slot, zero where the slot is not computed."""
+    T, K = d.gather_TK.shape
+    r_TKD = y_ND.index_select(0, d.gather_TK.reshape(-1)).view(T, K, -1)
+    return torch.where(d.keep_TK[..., None], r_TKD, r_TKD.new_zeros(()))
+
+
 def combine(
     y_ND: torch.Tensor, d: Dispatch, weights_TK: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """``out_t = sum_j w_tj * y[slot_pos_tj]`` over kept slots, accumulated in float32 (float64 for
-    float64 experts), cast to ``out_dtype``.
+    """``out_t = sum_j w_tj * y[slot_pos_tj]`` over kept slots, cast to ``out_dtype``.
 
     Every index is distinct (``slot_pos_TK`` is a permutation; dropped and empty slots read the
     spare row, whose value is never used), so forward and backward are deterministic on every
     device. On CPU with float32/float64 rows the gather, weighting and sum run fused in
-    ``embedding_bag``; elsewhere as a gather, a ``where`` mask (never a multiply by zero: unused
-    rows may hold uninitialized values) and a float32 weighted sum.
+    ``embedding_bag`` (accumulated in float32, float64 for float64 experts). Elsewhere (CUDA, half
+    precision) :class:`_WeightedUnpermute` does it as a masked gather and one ``bmm`` (float32
+    accumulation inside the matmul, weights rounded to the rows' dtype for the product).
     """
     if y_ND.shape[0] != d.token_N.shape[0]:
         raise ValueError(f"combine: y has {y_ND.shape[0]} rows, the dispatch has {d.token_N.shape[0]}")
-    acc = torch.promote_types(y_ND.dtype, torch.float32)
     w_TK = torch.where(d.keep_TK, weights_TK, weights_TK.new_zeros(()))
-    return _gather_sum(y_ND, d, w_TK, acc).to(out_dtype)
+    if _fused_bag(y_ND):
+        acc = torch.promote_types(y_ND.dtype, torch.float32)
+        return _gather_sum(y_ND, d, w_TK, acc).to(out_dtype)
+    return _WeightedUnpermute.apply(y_ND, w_TK, d).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------- experts

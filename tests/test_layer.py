@@ -200,3 +200,17 @@ def test_unfused_gather_path_matches_the_fused_one(monkeypatch) -> None:
     torch.testing.assert_close(out, out2, atol=1e-6, rtol=1e-6)
     for name in fused:
         torch.testing.assert_close(fused[name], unfused[name], atol=1e-6, rtol=1e-5)
+
+
+def test_unfused_combine_passes_gradcheck_with_dropped_slots(monkeypatch) -> None:
+    # the bmm combine (CUDA, half precision) has a hand-written backward: check it in float64
+    monkeypatch.setattr(impls.layer, "_fused_bag", lambda t: False)
+    torch.manual_seed(0)
+    layer = make_layer("capacity-top1-drops", "bmm", dtype=torch.float64).train()
+    x = torch.randn(12, D, dtype=torch.float64)
+    plan = layer.route(x)
+    assert plan.dropped_TK.any()
+    d = make_dispatch(plan)
+    y = torch.randn(d.token_N.shape[0], D, dtype=torch.float64, requires_grad=True)
+    w = plan.weights_TK.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda y, w: impls.layer.combine(y, d, w, torch.float64), (y, w))
