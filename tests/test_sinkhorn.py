@@ -167,8 +167,58 @@ def test_gradients_with_masked_rows_are_finite():
         ({"check_every": 0}, "check_every"),
         ({"compute_dtype": torch.float16}, "compute_dtype"),
         ({"row_mask": torch.ones(3)}, "row_mask"),
+        ({"domain": "linear"}, "domain"),
     ],
 )
 def test_bad_arguments_are_rejected_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sinkhorn(torch.randn(4, 2), **kwargs)
+
+
+# ------------------------------------------------------------------------------ scaling (exp) domain
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scaling_and_log_domains_compute_the_same_iterates(dtype, masked):
+    S = 3 * torch.randn(2, 40, 8, generator=_gen(20))
+    mask = torch.rand(2, 40, generator=_gen(21)) > 0.2 if masked else None
+    kw = dict(epsilon=0.5, row_mask=mask, max_iters=37, tol=1e-6, check_every=4, compute_dtype=dtype)
+    a = sinkhorn(S, domain="log", **kw)
+    b = sinkhorn(S, domain="exp", **kw)
+    assert int(a.iterations) == int(b.iterations)
+    torch.testing.assert_close(a.plan, b.plan, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.marginal_error, b.marginal_error, atol=1e-6, rtol=1e-3)
+    if masked:
+        assert (b.plan[~mask] == 0).all() and torch.isneginf(b.f[~mask]).all()
+
+
+def test_auto_domain_takes_logs_only_for_scores_spanning_hundreds_of_epsilon():
+    kw = dict(epsilon=1.0, max_iters=500, tol=1e-4)
+    wide = ADVERSARIAL["huge_logits_pm1000"](_gen(0))  # shifted scores 0 or -2000
+    auto = sinkhorn(wide, **kw)
+    assert torch.equal(auto.log_plan, sinkhorn(wide, domain="log", **kw).log_plan)
+    _check_marginals(auto, wide.shape[0], wide.shape[1], 1e-4)
+    narrow = torch.randn(64, 8, generator=_gen(22)) + torch.tensor([1000.0] + [0.0] * 7)
+    auto = sinkhorn(narrow, **kw)  # a dominant expert alone is absorbed by the column shift
+    assert torch.equal(auto.log_plan, sinkhorn(narrow, domain="exp", **kw).log_plan)
+    _check_marginals(auto, 64, 8, 1e-4)
+    fixed = sinkhorn(narrow, epsilon=1.0, max_iters=20, tol=None)  # no tolerance: no sync, logs
+    assert torch.equal(
+        fixed.log_plan, sinkhorn(narrow, epsilon=1.0, max_iters=20, tol=None, domain="log").log_plan
+    )
+
+
+def test_scaling_domain_gradients_pass_gradcheck_and_stay_finite_with_masked_rows():
+    S = torch.randn(5, 3, generator=_gen(23), dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, generator=_gen(24), dtype=torch.float64)
+    mask = torch.tensor([True, False, True, True, True])
+
+    def f(s):
+        res = sinkhorn(s, epsilon=0.7, tol=None, max_iters=15, compute_dtype=torch.float64, domain="exp")
+        return (res.plan * w).sum()
+
+    assert torch.autograd.gradcheck(f, (S,))
+    S32 = S.detach().float().requires_grad_()
+    sinkhorn(S32, row_mask=mask, max_iters=10, domain="exp").plan.sum().backward()
+    assert torch.isfinite(S32.grad).all()

@@ -31,6 +31,17 @@ read for free from the next column update (``|exp(g_old - g_new) - 1|``). Compar
 ``tol=None`` the solver runs exactly ``max_iters`` iterations with no sync at all. ``max_iters``
 is a hard cap either way.
 
+Scaling domain: after the two shifts every entry of ``L = S/ε`` is ``<= 0`` with a ``0`` in every
+row and column. When no finite entry of a valid row is below ``-25`` (float32; ``-200`` in
+float64), ``K = exp(L)`` and the scalings ``u = e^f``, ``v = e^g`` stay far inside the float range,
+and the same iterations run as matrix-vector products, ``v <- c / (K^T u)``, ``u <- r / (K v)``
+(Cuturi's original form): two small kernels per half-step instead of a ``logsumexp`` over the
+whole matrix, which matters on GPUs where the log-domain loop is bound by kernel launches. Router
+logits almost always qualify; logits spanning hundreds of ε (a dominant expert at +1000) do not,
+and run in the log domain. ``domain="auto"`` picks with one host sync, and only when ``tol`` is
+set (the run syncs at its checks anyway); ``tol=None`` keeps the sync-free log domain unless
+``domain="exp"`` is forced. Both domains compute the same iterates up to rounding.
+
 Gradients: the iterations are ordinary differentiable torch ops, so autograd differentiates the
 unrolled solver (memory grows with the iteration count; wrap in ``torch.no_grad()`` when only
 the selection is needed, as S-BASE does).
@@ -40,10 +51,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
+#: lowest shifted score ``S/ε`` (a valid row's finite entries) for which the scaling form is used
+_EXP_FLOOR = {torch.float32: -25.0, torch.float64: -200.0}
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +97,75 @@ def _column_error(g: torch.Tensor, g_next: torch.Tensor, log_c: torch.Tensor) ->
     return err.amax(dim=-1)
 
 
+def _iterate_log(L, log_r, log_c, max_iters, tol, check_every):
+    """Log-domain iterations from ``f = 0`` (``-inf`` on rows that send nothing) and ``g = 0``.
+
+    Returns ``(f, g, error, iterations)``.
+    """
+    f = torch.where(torch.isfinite(log_r), torch.zeros_like(log_r), log_r)
+    g = torch.zeros_like(log_c)
+    err: torch.Tensor | None = None
+    iters = 0
+    for it in range(max_iters):
+        g_next = log_c - _safe_lse(L + f.unsqueeze(-1), dim=-2)
+        if tol is not None and it > 0 and it % check_every == 0:
+            err = _column_error(g, g_next, log_c)
+            if bool((err < tol).all()):  # host sync, once per check
+                break
+        g = g_next
+        f = log_r - _safe_lse(L + g.unsqueeze(-2), dim=-1)
+        iters = it + 1
+        err = None
+    if err is None:
+        err = _column_error(g, log_c - _safe_lse(L + f.unsqueeze(-1), dim=-2), log_c)
+    return f, g, err, iters
+
+
+def _exp_domain_is_safe(L: torch.Tensor, row_mask: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether every finite shifted score of a valid row is above the floor (one host sync)."""
+    low = torch.where(torch.isfinite(L), L, torch.zeros_like(L)).amin(dim=-1)
+    if row_mask is not None:
+        low = torch.where(row_mask, low, torch.zeros_like(low))
+    return bool(low.amin() >= _EXP_FLOOR[dtype])
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """``log(x)`` with ``-inf`` at ``x == 0`` and a finite gradient there (no ``0 * inf``)."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).log(), -float("inf"))
+
+
+def _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every):
+    """The same iterations as matrix-vector products on ``K = exp(L)``: ``u = e^f``, ``v = e^g``."""
+    K = L.exp()
+    if row_mask is not None:
+        K = torch.where(row_mask.unsqueeze(-1), K, torch.zeros_like(K))  # padding: no mass, no overflow
+    tiny = torch.finfo(L.dtype).tiny
+    u = (r > 0).to(r.dtype)  # u = e^f from the same start as the log domain
+    v = torch.ones_like(c)
+    has_c = c > 0
+    err: torch.Tensor | None = None
+    iters = 0
+
+    def col_error(v_old, v_new):
+        e = (v_old / v_new - 1).abs()
+        return torch.where(has_c, e, torch.zeros_like(e)).amax(dim=-1)
+
+    for it in range(max_iters):
+        v_next = c / (u.unsqueeze(-2) @ K).squeeze(-2).clamp_min(tiny)
+        if tol is not None and it > 0 and it % check_every == 0:
+            err = col_error(v, v_next)
+            if bool((err < tol).all()):  # host sync, once per check
+                break
+        v = v_next
+        u = r / (K @ v.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
+        iters = it + 1
+        err = None
+    if err is None:
+        err = col_error(v, c / (u.unsqueeze(-2) @ K).squeeze(-2).clamp_min(tiny))
+    return _safe_log(u), _safe_log(v), err, iters
+
+
 def sinkhorn(
     scores: torch.Tensor,
     *,
@@ -94,6 +177,7 @@ def sinkhorn(
     tol: float | None = 1e-4,
     check_every: int = 10,
     compute_dtype: torch.dtype = torch.float32,
+    domain: Literal["auto", "log", "exp"] = "auto",
 ) -> SinkhornResult:
     """Solve the entropic OT problem above for ``scores`` of shape ``[..., T, E]``.
 
@@ -109,6 +193,9 @@ def sinkhorn(
             host sync per check); ``None`` runs exactly ``max_iters`` iterations without syncing.
         check_every: iterations between convergence checks.
         compute_dtype: ``torch.float32`` or ``torch.float64``.
+        domain: ``"auto"`` (scaling form when the shifted scores allow it, see above), ``"log"``
+            (always ``logsumexp``) or ``"exp"`` (always the scaling form; only for scores known
+            to span a few dozen ε).
     """
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.dim() < 2:
         raise ValueError("sinkhorn: scores must be a floating-point tensor of shape [..., T, E]")
@@ -120,6 +207,8 @@ def sinkhorn(
         raise ValueError(f"sinkhorn: tol must be > 0 or None, got {tol!r}")
     if not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"sinkhorn: check_every must be an int >= 1, got {check_every!r}")
+    if domain not in ("auto", "log", "exp"):
+        raise ValueError(f"sinkhorn: domain must be 'auto', 'log' or 'exp', got {domain!r}")
     if compute_dtype not in _COMPUTE_DTYPES:
         raise ValueError(f"sinkhorn: compute_dtype must be float32 or float64, got {compute_dtype}")
 
@@ -151,22 +240,13 @@ def sinkhorn(
         c = col_marginal.to(compute_dtype).expand(*batch, E)
     log_r, log_c = r.log(), c.log()
 
-    f = torch.zeros_like(log_r)
-    g = torch.zeros_like(log_c)
-    err: torch.Tensor | None = None
-    iters = 0
-    for it in range(max_iters):
-        g_next = log_c - _safe_lse(L + f.unsqueeze(-1), dim=-2)
-        if tol is not None and it > 0 and it % check_every == 0:
-            err = _column_error(g, g_next, log_c)
-            if bool((err < tol).all()):  # host sync, once per check
-                break
-        g = g_next
-        f = log_r - _safe_lse(L + g.unsqueeze(-2), dim=-1)
-        iters = it + 1
-        err = None
-    if err is None:
-        err = _column_error(g, log_c - _safe_lse(L + f.unsqueeze(-1), dim=-2), log_c)
+    use_exp = domain == "exp" or (
+        domain == "auto" and tol is not None and _exp_domain_is_safe(L, row_mask, compute_dtype)
+    )
+    if use_exp:
+        f, g, err, iters = _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every)
+    else:
+        f, g, err, iters = _iterate_log(L, log_r, log_c, max_iters, tol, check_every)
     log_plan = L + f.unsqueeze(-1) + g.unsqueeze(-2)
     return SinkhornResult(
         log_plan=log_plan,
