@@ -8,16 +8,19 @@ a training step (forward + backward with a dense upstream gradient) of
   auxiliary loss),
 * ``loop``: :func:`impls.oracle.moe_loop_reference` on the same layer (the naive per-expert loop),
 
-interleaved repeat by repeat (so drifting clocks hit all three alike) and reports medians, the
-ratio ``moe / dense``, the loop's slowdown, and memory: peak CUDA memory on GPU, peak resident
-set growth on CPU (Linux), and on both the bytes autograd saved for backward. Then it times
+interleaved repeat by repeat (so drifting clocks hit all three alike; each sample is one step
+between two device syncs, or ``--steps-per-sample`` steps back to back as in a training loop) and
+reports medians, the ratio ``moe / dense``, the loop's slowdown, and memory: peak CUDA memory on
+GPU, peak resident set growth on CPU (Linux), and on both the bytes autograd saved for backward. Then it times
 every router alone (forward, and forward + backward).
 
 Examples::
 
     python scripts/bench_moe.py                                   # CPU fp32 targets shape
     python scripts/bench_moe.py --device cuda --dtype bfloat16 --tokens 16384 --d-model 2048 --d-hidden 8192
-    python scripts/bench_moe.py --device cuda --dtype bfloat16 --experts 64 --k 8 --d-hidden 1024
+    python scripts/bench_moe.py --device cuda --dtype bfloat16 --tokens 16384 --d-model 2048 \
+        --d-hidden 1024 --experts 64 --k 16          # fine-grained: same active FLOPs as E=8, k=2
+    python scripts/bench_moe.py --device cuda --dtype bfloat16 --steps-per-sample 5   # training-loop timing
     python scripts/bench_moe.py --routers topk switch_base deepseek_v3 --no-loop
 """
 
@@ -67,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per method (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs per method")
+    p.add_argument(
+        "--steps-per-sample",
+        type=int,
+        default=1,
+        help="consecutive steps per timed sample, with no sync between them, as in a training loop "
+        "(hides kernel-launch latency behind queued GPU work; the time reported is per step)",
+    )
     p.add_argument("--no-loop", action="store_true", help="skip the naive loop (slow on big shapes)")
     p.add_argument(
         "--routers",
@@ -259,9 +269,9 @@ def bench_layer(args, device, dtype) -> dict[str, dict[str, float | None]]:
     cpu: dict[str, list[float]] = {n: [] for n in steps}
     for _ in tqdm(range(args.repeats), desc="layer repeats", disable=args.repeats < 2):
         for name, step in steps.items():  # interleaved
-            wall, proc = timed_both(step, device)
-            times[name].append(wall)
-            cpu[name].append(proc)
+            wall, proc = timed_both(lambda step=step: _steps(step, args.steps_per_sample), device)
+            times[name].append(wall / args.steps_per_sample)
+            cpu[name].append(proc / args.steps_per_sample)
             zero_grads(layer, dense, x)
     out: dict[str, dict[str, float | None]] = {}
     for name, step in steps.items():
@@ -280,6 +290,11 @@ def bench_layer(args, device, dtype) -> dict[str, dict[str, float | None]]:
             "saved_mib": saved,
         }
     return out
+
+
+def _steps(step: Callable[[], None], n: int) -> None:
+    for _ in range(n):
+        step()  # gradients accumulate across the n steps; the cost of that is the same for every method
 
 
 def _moe_step_with_impl(layer, x, g, coefs, impl: str):
@@ -363,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
+    if args.steps_per_sample < 1:
+        log.error("--steps-per-sample must be >= 1, got %d", args.steps_per_sample)
+        return 2
     if args.k > args.experts:
         log.error("--k %d exceeds --experts %d", args.k, args.experts)
         return 2
@@ -375,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# MoE layer benchmark — torch {torch.__version__}, {name}, {args.dtype}\n"
         f"# T={args.tokens} D={args.d_model} F={args.d_hidden} E={args.experts} k={args.k} "
         f"activation={args.activation} router={args.router}; training step (forward + backward), "
-        f"median of {args.repeats} interleaved repeats\n"
+        f"median of {args.repeats} interleaved repeats of {args.steps_per_sample} consecutive step(s)\n"
     )
     res = bench_layer(args, device, dtype)
     dense_t = res["dense"]["median_s"]
