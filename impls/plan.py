@@ -162,3 +162,33 @@ class RoutingPlan:
             if coef:
                 total = total + coef * self.losses[name]
         return total
+
+
+def every_slot_plan(
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    scores_TE: torch.Tensor,
+    logits_TE: torch.Tensor,
+    token_mask_T: torch.Tensor | None = None,
+    *,
+    losses: Mapping[str, torch.Tensor] | None = None,
+    info: Mapping[str, object] | None = None,
+) -> RoutingPlan:
+    """A plan in which every slot of every valid token is computed (before any capacity).
+
+    Padding tokens (``token_mask_T`` False) keep no slot and get zero weights.
+    """
+    keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+    if token_mask_T is not None:
+        keep_TK = keep_TK & token_mask_T[:, None]
+        weights_TK = torch.where(keep_TK, weights_TK, torch.zeros_like(weights_TK))
+    return RoutingPlan(
+        expert_ids_TK=expert_ids_TK,
+        weights_TK=weights_TK,
+        keep_TK=keep_TK,
+        scores_TE=scores_TE,
+        logits_TE=logits_TE,
+        losses=dict(losses or {}),
+        token_mask_T=token_mask_T,
+        info=dict(info or {}),
+    )

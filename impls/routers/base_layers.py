@@ -69,7 +69,7 @@ from typing import Any, Literal
 import torch
 
 from impls.ops.auction import balanced_assignment
-from impls.plan import RoutingPlan
+from impls.plan import every_slot_plan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
 
@@ -153,19 +153,7 @@ class BalancedAssignmentRouter(Router):
         ids_TK = expert_T[:, None]
         scores_TE = logits_TE.sigmoid()
         w_TK = scores_TE.gather(1, ids_TK)
-        keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
-        if token_mask_T is not None:
-            keep_TK = keep_TK & token_mask_T[:, None]
-            w_TK = torch.where(keep_TK, w_TK, torch.zeros_like(w_TK))
-        return RoutingPlan(
-            expert_ids_TK=ids_TK,
-            weights_TK=w_TK,
-            keep_TK=keep_TK,
-            scores_TE=scores_TE,
-            logits_TE=logits_TE,
-            token_mask_T=token_mask_T,
-            info=info,
-        )
+        return every_slot_plan(ids_TK, w_TK, scores_TE, logits_TE, token_mask_T, info=info)
 
 
 BASE_LAYERS = register_preset(

@@ -68,7 +68,7 @@ from typing import Any, Literal
 import torch
 
 from impls.functional import topk
-from impls.plan import RoutingPlan
+from impls.plan import every_slot_plan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
 
@@ -165,19 +165,7 @@ class BIPRouter(Router):
         renorm = cfg.k > 1 if cfg.renormalize is None else cfg.renormalize
         if renorm:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).tiny)
-        keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
-        if token_mask_T is not None:
-            keep_TK = keep_TK & token_mask_T[:, None]
-            w_TK = torch.where(keep_TK, w_TK, torch.zeros_like(w_TK))
-        return RoutingPlan(
-            expert_ids_TK=ids_TK,
-            weights_TK=w_TK,
-            keep_TK=keep_TK,
-            scores_TE=s_TE,
-            logits_TE=logits_TE,
-            token_mask_T=token_mask_T,
-            info={"bip_q": q},
-        )
+        return every_slot_plan(ids_TK, w_TK, s_TE, logits_TE, token_mask_T, info={"bip_q": q})
 
 
 BIP_BALANCING = register_preset(

@@ -130,7 +130,7 @@ import torch
 
 from impls.functional import topk
 from impls.ops.sinkhorn import SinkhornResult, sinkhorn
-from impls.plan import RoutingPlan
+from impls.plan import RoutingPlan, every_slot_plan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
 
@@ -211,18 +211,8 @@ class _TransportRouter(Router):
         w_TK = gate_TE.gather(1, ids_TK)
         if renormalize:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(w_TK.dtype).tiny)
-        keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
-        if token_mask_T is not None:
-            keep_TK = keep_TK & token_mask_T[:, None]
-            w_TK = torch.where(keep_TK, w_TK, torch.zeros_like(w_TK))
-        return RoutingPlan(
-            expert_ids_TK=ids_TK,
-            weights_TK=w_TK.float(),
-            keep_TK=keep_TK,
-            scores_TE=select_TE.detach().float(),
-            logits_TE=logits_TE,
-            token_mask_T=token_mask_T,
-            info=info,
+        return every_slot_plan(
+            ids_TK, w_TK.float(), select_TE.detach().float(), logits_TE, token_mask_T, info=info
         )
 
     def renormalize(self) -> bool:
