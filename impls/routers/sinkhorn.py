@@ -34,10 +34,12 @@ None of them adds an auxiliary loss (`plan.losses` is empty). The plan's `info` 
 `sinkhorn_iterations` and `sinkhorn_marginal_error` (tensors; the largest relative deviation of
 an expert's received mass from its share) and `sinkhorn_used`.
 
-**Host syncs.** With `sinkhorn_tol` set, the solver compares the marginal error with the
-tolerance every `check_every` iterations (one device-to-host sync per check); with
-`sinkhorn_tol=None` it runs exactly `sinkhorn_iters` iterations and never syncs.
-`sinkhorn_iters` is a hard cap in both modes.
+**Host syncs.** With `sinkhorn_tol` set, the solver first checks (one device-to-host sync)
+whether the shifted logits allow its fast scaling form (matrix-vector products on
+$\exp(S/\varepsilon)$ instead of a `logsumexp` per half-step; router logits almost always do),
+then compares the marginal error with the tolerance every `check_every` iterations (one sync per
+check); with `sinkhorn_tol=None` it runs exactly `sinkhorn_iters` log-domain iterations and never
+syncs. `sinkhorn_iters` is a hard cap in both modes.
 
 **Causality.** In training, the plan couples every token of the batch, so a later token can
 change an earlier token's expert (like capacity dropping); `is_causal` is therefore False for a
