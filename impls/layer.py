@@ -154,24 +154,24 @@ def permute(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
 
 
 class _WeightedUnpermute(torch.autograd.Function):
-    """``out_t = sum_j w_tj * y[gather_tj]`` (kept slots only) as one batched matmul per direction.
+    """``out_t = sum_j w_tj * y[gather_tj]`` (kept slots only), with a gather-only backward.
 
     Forward: gather the ``K`` rows of each token, zero the slots that are not computed (their rows
-    may hold uninitialized values, and ``NaN * 0`` is ``NaN``), and contract them with the weights
-    in ``bmm`` (float32 accumulation; the weights are cast to the rows' dtype, as in Megatron-Core
-    and Hugging Face). Backward: the row gradient is ``w_tj * grad_t`` put back in sorted order by a
-    *gather* through the inverse permutation (no zero fill, no atomics, deterministic); the weight
-    gradient is ``<grad_t, y[gather_tj]>``. The gathered rows are recomputed in backward instead of
-    saved, so the layer keeps no ``[T, K, D]`` activation.
+    may hold uninitialized values, and ``NaN * 0`` is ``NaN``), weight them and sum over ``K``
+    (the products are rounded to the rows' dtype, as in Megatron-Core and Hugging Face; the sum
+    accumulates in float32). Backward: the row gradient ``w_tj * grad_t`` is put back in sorted
+    order by a *gather* through the inverse permutation (no zero fill, no atomics,
+    deterministic); the weight gradient ``<grad_t, y[gather_tj]>`` is summed in float32. The
+    gathered rows are recomputed in backward instead of saved, so the layer keeps no
+    ``[T, K, D]`` activation. (As a ``bmm`` over ``T`` tiny matrices this step took 1.5 ms of a
+    13.5 ms training step on an H100 at ``T=16384, D=2048, k=2``.)
     """
 
     @staticmethod
     def forward(ctx, y_ND, w_TK, d):  # type: ignore[override]
-        T, K = d.gather_TK.shape
-        r_TKD = _kept_rows(y_ND, d)
         ctx.d = d
         ctx.save_for_backward(y_ND, w_TK)
-        return torch.bmm(w_TK.to(y_ND.dtype).view(T, 1, K), r_TKD).view(T, -1)
+        return (_kept_rows(y_ND, d) * w_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -180,16 +180,17 @@ class _WeightedUnpermute(torch.autograd.Function):
         d = ctx.d
         T, K = d.gather_TK.shape
         N, D = T * K, y_ND.shape[1]
-        grad_TD = grad_TD.to(y_ND.dtype).contiguous()
+        grad_1TD = grad_TD.to(y_ND.dtype).unsqueeze(1)
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             # slot (t, j) holds w_tj * grad_t; unkept slots have w = 0, so their rows get exact zeros
-            g_TKD = torch.bmm(w_TK.to(y_ND.dtype).view(T, K, 1), grad_TD.view(T, 1, D))
+            g_TKD = grad_1TD * w_TK.to(y_ND.dtype).unsqueeze(-1)
             grad_y = y_ND.new_empty(N + 1, D)
             torch.index_select(g_TKD.view(N, D), 0, d.slot_N, out=grad_y[:N])
             grad_y[N].zero_()
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(_kept_rows(y_ND, d), grad_TD.view(T, D, 1)).view(T, K).to(w_TK.dtype)
+            prod = _kept_rows(y_ND, d) * grad_1TD
+            grad_w = prod.sum(-1, dtype=torch.promote_types(y_ND.dtype, torch.float32)).to(w_TK.dtype)
         return grad_y, grad_w, None
 
 
@@ -209,8 +210,8 @@ def combine(
     spare row, whose value is never used), so forward and backward are deterministic on every
     device. On CPU with float32/float64 rows the gather, weighting and sum run fused in
     ``embedding_bag`` (accumulated in float32, float64 for float64 experts). Elsewhere (CUDA, half
-    precision) :class:`_WeightedUnpermute` does it as a masked gather and one ``bmm`` (float32
-    accumulation inside the matmul, weights rounded to the rows' dtype for the product).
+    precision) :class:`_WeightedUnpermute` does it as a masked gather, a weighted sum over ``K``
+    accumulated in float32 (products rounded to the rows' dtype), and a gather-only backward.
     """
     if y_ND.shape[0] != d.token_N.shape[0]:
         raise ValueError(f"combine: y has {y_ND.shape[0]} rows, the dispatch has {d.token_N.shape[0]}")

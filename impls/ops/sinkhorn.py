@@ -123,10 +123,10 @@ def _iterate_log(L, log_r, log_c, max_iters, tol, check_every):
 
 def _exp_domain_is_safe(L: torch.Tensor, row_mask: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether every finite shifted score of a valid row is above the floor (one host sync)."""
-    low = torch.where(torch.isfinite(L), L, torch.zeros_like(L)).amin(dim=-1)
+    finite = torch.nan_to_num(L, neginf=0.0)  # -inf (a forbidden pair) is exp'd to an exact 0
     if row_mask is not None:
-        low = torch.where(row_mask, low, torch.zeros_like(low))
-    return bool(low.amin() >= _EXP_FLOOR[dtype])
+        finite = torch.where(row_mask.unsqueeze(-1), finite, torch.zeros_like(finite))
+    return bool(finite.amin() >= _EXP_FLOOR[dtype])
 
 
 def _safe_log(x: torch.Tensor) -> torch.Tensor:
@@ -135,34 +135,60 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).log(), -float("inf"))
 
 
-def _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every):
-    """The same iterations as matrix-vector products on ``K = exp(L)``: ``u = e^f``, ``v = e^g``."""
+def _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every, positive):
+    """The same iterations as matrix-vector products on ``K = exp(L)``: ``u = e^f``, ``v = e^g``.
+
+    ``positive``: every row and column marginal is known to be > 0 (no padding, default
+    marginals), so ``u`` and ``v`` stay positive and need no guarded logarithm.
+    """
     K = L.exp()
     if row_mask is not None:
         K = torch.where(row_mask.unsqueeze(-1), K, torch.zeros_like(K))  # padding: no mass, no overflow
     tiny = torch.finfo(L.dtype).tiny
-    u = (r > 0).to(r.dtype)  # u = e^f from the same start as the log domain
+    if K.dim() == 2:  # one problem: fused ``tiny + K^T u`` and ``tiny + K v`` (2 kernels a half-step)
+        KT = K.t()
+        tiny_E = torch.full_like(c, tiny)
+        tiny_T = torch.full_like(r, tiny)
+
+        def col_sums(u):
+            return torch.addmv(tiny_E, KT, u)
+
+        def row_sums(v):
+            return torch.addmv(tiny_T, K, v)
+
+    else:
+
+        def col_sums(u):
+            return (u.unsqueeze(-2) @ K).squeeze(-2).clamp_min(tiny)
+
+        def row_sums(v):
+            return (K @ v.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
+
+    u = torch.ones_like(r) if positive else (r > 0).to(r.dtype)  # the log domain's start, f = 0
     v = torch.ones_like(c)
-    has_c = c > 0
     err: torch.Tensor | None = None
     iters = 0
 
     def col_error(v_old, v_new):
         e = (v_old / v_new - 1).abs()
-        return torch.where(has_c, e, torch.zeros_like(e)).amax(dim=-1)
+        if not positive:
+            e = torch.where(c > 0, e, torch.zeros_like(e))
+        return e.amax(dim=-1)
 
     for it in range(max_iters):
-        v_next = c / (u.unsqueeze(-2) @ K).squeeze(-2).clamp_min(tiny)
+        v_next = c / col_sums(u)
         if tol is not None and it > 0 and it % check_every == 0:
             err = col_error(v, v_next)
             if bool((err < tol).all()):  # host sync, once per check
                 break
         v = v_next
-        u = r / (K @ v.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
+        u = r / row_sums(v)
         iters = it + 1
         err = None
     if err is None:
-        err = col_error(v, c / (u.unsqueeze(-2) @ K).squeeze(-2).clamp_min(tiny))
+        err = col_error(v, c / col_sums(u))
+    if positive:
+        return u.log(), v.log(), err, iters
     return _safe_log(u), _safe_log(v), err, iters
 
 
@@ -220,12 +246,10 @@ def sinkhorn(
     # (a dominant expert at +1000 would otherwise leave potentials near 1000, where float32 has
     # only ~1e-4 absolute precision).
     L = s / epsilon
-    row_max = L.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    row_max = torch.nan_to_num(L.amax(dim=-1, keepdim=True).detach(), posinf=0.0, neginf=0.0)
     L = L - row_max
     valid = L if row_mask is None else L.masked_fill(~row_mask.unsqueeze(-1), -float("inf"))
-    col_max = valid.amax(dim=-2, keepdim=True).detach()
-    col_max = torch.where(torch.isfinite(col_max), col_max, torch.zeros_like(col_max))
+    col_max = torch.nan_to_num(valid.amax(dim=-2, keepdim=True).detach(), posinf=0.0, neginf=0.0)
     L = L - col_max
 
     if row_marginal is None:
@@ -234,19 +258,21 @@ def sinkhorn(
         r = row_marginal.to(compute_dtype).expand(*batch, T)
     if row_mask is not None:
         r = torch.where(row_mask, r, torch.zeros_like(r))
-    if col_marginal is None:
+    if col_marginal is None and row_marginal is None and row_mask is None:
+        c = scores.new_full((*batch, E), T / E, dtype=compute_dtype)
+    elif col_marginal is None:
         c = (r.sum(-1, keepdim=True) / E).expand(*batch, E)
     else:
         c = col_marginal.to(compute_dtype).expand(*batch, E)
-    log_r, log_c = r.log(), c.log()
 
     use_exp = domain == "exp" or (
         domain == "auto" and tol is not None and _exp_domain_is_safe(L, row_mask, compute_dtype)
     )
     if use_exp:
-        f, g, err, iters = _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every)
+        positive = row_mask is None and row_marginal is None and col_marginal is None
+        f, g, err, iters = _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every, positive)
     else:
-        f, g, err, iters = _iterate_log(L, log_r, log_c, max_iters, tol, check_every)
+        f, g, err, iters = _iterate_log(L, r.log(), c.log(), max_iters, tol, check_every)
     log_plan = L + f.unsqueeze(-1) + g.unsqueeze(-2)
     return SinkhornResult(
         log_plan=log_plan,
