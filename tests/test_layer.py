@@ -187,7 +187,8 @@ def test_dispatch_groups_slots_by_expert_in_a_permutation() -> None:
     assert (sorted_experts[:n].diff() >= 0).all()
 
 
-def test_unfused_gather_path_matches_the_fused_one(monkeypatch) -> None:
+@pytest.mark.parametrize("max_k", [0, 4], ids=["bmm-sums", "elementwise-sums"])
+def test_unfused_gather_path_matches_the_fused_one(monkeypatch, max_k: int) -> None:
     # CUDA and half precision use the gather + mask + sum path; check it on CPU in float32 too
     layer = make_layer("capacity-top2-st-moe", "grouped_mm").train()
     x = torch.randn(2, 6, D, requires_grad=True)
@@ -195,6 +196,7 @@ def test_unfused_gather_path_matches_the_fused_one(monkeypatch) -> None:
     out, _ = layer(x)
     fused = grads(layer, x, out, g)
     monkeypatch.setattr(impls.layer, "_fused_bag", lambda t: False)
+    monkeypatch.setattr(impls.layer, "_ELEMENTWISE_MAX_K", max_k)
     out2, _ = layer(x)
     unfused = grads(layer, x, out2, g)
     torch.testing.assert_close(out, out2, atol=1e-6, rtol=1e-6)
@@ -202,9 +204,11 @@ def test_unfused_gather_path_matches_the_fused_one(monkeypatch) -> None:
         torch.testing.assert_close(fused[name], unfused[name], atol=1e-6, rtol=1e-5)
 
 
-def test_unfused_combine_passes_gradcheck_with_dropped_slots(monkeypatch) -> None:
-    # the bmm combine (CUDA, half precision) has a hand-written backward: check it in float64
+@pytest.mark.parametrize("max_k", [0, 4], ids=["bmm-sums", "elementwise-sums"])
+def test_unfused_combine_passes_gradcheck_with_dropped_slots(monkeypatch, max_k: int) -> None:
+    # the combine used on CUDA and in half precision has a hand-written backward: check it in float64
     monkeypatch.setattr(impls.layer, "_fused_bag", lambda t: False)
+    monkeypatch.setattr(impls.layer, "_ELEMENTWISE_MAX_K", max_k)
     torch.manual_seed(0)
     layer = make_layer("capacity-top1-drops", "bmm", dtype=torch.float64).train()
     x = torch.randn(12, D, dtype=torch.float64)
