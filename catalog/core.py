@@ -72,7 +72,7 @@ class Taxonomy:
 
 @dataclass(frozen=True)
 class Catalog:
-    """The whole catalog. Build it with :func:`catalog.load`.
+    """The whole catalog. Build it with ``catalog.load()``.
 
     Example::
 
@@ -243,7 +243,7 @@ def collect(
 
 
 def load(data_dir: Path | str | None = None) -> Catalog:
-    """Load the whole typed catalog; raise :class:`CatalogError` listing every problem found."""
+    """Load the whole typed catalog; raise ``CatalogError`` listing every problem found."""
     cat, problems = collect(data_dir)
     if problems:
         raise CatalogError(problems)

@@ -25,7 +25,7 @@ class Problem:
 
 
 class CatalogError(Exception):
-    """Raised by :func:`catalog.load` when the files do not form a valid catalog.
+    """Raised by ``catalog.load()`` when the files do not form a valid catalog.
 
     ``problems`` lists every problem found, not just the first.
     """

@@ -1,12 +1,12 @@
 """Storage of the fetched layer: one JSON file per work, written atomically.
 
-``catalog/data/fetched/<slug>.json`` holds one :class:`FetchedRecord` in a deterministic form
+``catalog/data/fetched/<slug>.json`` holds one ``FetchedRecord`` in a deterministic form
 (sorted keys, two-space indent, UTF-8 without escapes, trailing newline) so that a refresh reads
 as a small git diff.
 
 Every write goes to a temporary file in the same directory (``.<slug>.json.<pid>.tmp``, which
 the catalog loader never reads), is flushed and fsynced, then renamed over the target with
-:func:`os.replace`, and the directory is fsynced. A run stopped at any moment leaves each record
+``os.replace()``, and the directory is fsynced. A run stopped at any moment leaves each record
 entirely old or entirely new; temporary files of dead processes are removed by the next run.
 
 A record whose content is unchanged apart from ``fetched_at`` is left untouched, so its
@@ -57,7 +57,7 @@ def same_content(a: FetchedRecord, b: FetchedRecord) -> bool:
 def write_atomic(path: Path, text: str, *, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``text`` so that readers see either the old or the new file, never a mix.
 
-    With ``sync_dir=False`` the caller fsyncs the directory itself (:func:`fsync_dir`) after a
+    With ``sync_dir=False`` the caller fsyncs the directory itself (``fsync_dir()``) after a
     group of writes, which makes the renames durable at a fraction of the cost.
     """
     path = Path(path)

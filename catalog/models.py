@@ -2,10 +2,10 @@
 
 Two layers are kept apart on disk and in the models:
 
-* the **curated layer** (:class:`TaxonomyNode`, :class:`Work`) is written by people, lives in
+* the **curated layer** (``TaxonomyNode``, ``Work``) is written by people, lives in
   ``catalog/data/taxonomy.yaml`` and ``catalog/data/works/<slug>.yaml`` and forbids unknown
   fields so that typos fail loudly;
-* the **fetched layer** (:class:`FetchedRecord`) is written only by ``scripts/refresh.py`` from
+* the **fetched layer** (``FetchedRecord``) is written only by ``scripts/refresh.py`` from
   OpenAlex into ``catalog/data/fetched/<slug>.json``. A refresh never touches curated files.
 """
 
@@ -104,7 +104,7 @@ class Work(CuratedModel):
     notes: str | None = None
     errata: list[Erratum] = []
     implementations: list[ImplPath] = []
-    """Import paths of the router classes or presets in :mod:`impls` that implement it."""
+    """Import paths of the router classes or presets in ``impls`` that implement it."""
 
     @model_validator(mode="after")
     def _year_matches_date(self) -> Work:

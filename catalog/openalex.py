@@ -1,7 +1,7 @@
 """The one door to OpenAlex: configuration, requests, retries, rate limits, typed results.
 
-Nothing else in MoE Atlas imports :mod:`pyalex`. pyalex builds every query (filters, OR
-filters, select, search, sort); this module sends it with its own :class:`requests.Session`
+Nothing else in MoE Atlas imports ``pyalex``. pyalex builds every query (filters, OR
+filters, select, search, sort); this module sends it with its own ``requests.Session``
 so that it can
 
 * point the query at ``OPENALEX_URL`` (a mirror or a local test server): pyalex 0.21 always
@@ -11,7 +11,7 @@ so that it can
 * read OpenAlex's ``X-RateLimit-*`` headers and report the remaining budget;
 * see merged ids (a singleton answered with a redirect or with another id).
 
-Configuration (:meth:`Settings.from_env`): ``OPENALEX_API_KEY`` (sent in the
+Configuration (``Settings.from_env()``): ``OPENALEX_API_KEY`` (sent in the
 ``Authorization`` header, as pyalex does; never logged), ``OPENALEX_EMAIL`` (``From`` header)
 and ``OPENALEX_URL``.
 """
@@ -60,7 +60,7 @@ WORK_FIELDS = [
     "is_retracted",
     "updated_date",
 ]
-"""Root-level fields requested with ``select`` (the ones :class:`WorkPayload` models)."""
+"""Root-level fields requested with ``select`` (the ones ``WorkPayload`` models)."""
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5

@@ -2,7 +2,7 @@
 
 Payload models mirror the parts of OpenAlex's work object that MoE Atlas keeps. They ignore
 every other key (OpenAlex adds fields often) and accept ``null`` wherever OpenAlex sends it for
-a missing value. :func:`to_record` turns one payload into a strict :class:`FetchedRecord`.
+a missing value. ``to_record()`` turns one payload into a strict ``FetchedRecord``.
 
 Text is kept exactly as OpenAlex sends it: titles and abstracts may carry HTML tags or entities,
 and escaping them is the job of whatever renders the text.
@@ -152,7 +152,7 @@ def work_id_of(data: object) -> str | None:
 
 
 def parse_work(data: object) -> WorkPayload:
-    """Validate one raw work object; :class:`PayloadError` names the work and the bad field."""
+    """Validate one raw work object; ``PayloadError`` names the work and the bad field."""
     if not isinstance(data, Mapping):
         raise PayloadError(f"expected a work object, got {type(data).__name__}")
     try:

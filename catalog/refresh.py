@@ -143,7 +143,7 @@ def title_matches(work: Work, candidate: WorkPayload) -> bool:
 
 
 def load_works(data_dir: Path) -> list[Work]:
-    """Curated works of ``data_dir``; :class:`CatalogError` lists every problem."""
+    """Curated works of ``data_dir``; ``CatalogError`` lists every problem."""
     problems: list[Problem] = []
     works = list(read_works(data_dir, problems).values())
     if problems:
@@ -223,7 +223,7 @@ def catalog_ids(works: Iterable[Work], fetched: dict[str, FetchedRecord]) -> dic
 
 @dataclass
 class Refresh:
-    """One refresh run over ``data_dir``. Build it, then call :meth:`run`."""
+    """One refresh run over ``data_dir``. Build it, then call ``run()``."""
 
     data_dir: Path
     client: OpenAlexClient

@@ -109,11 +109,11 @@ ImplPath = Annotated[
     str,
     Field(pattern=r"^impls(\.[A-Za-z_][A-Za-z0-9_]*)+$"),
 ]
-"""Dotted import path of a router class or preset in :mod:`impls` (``impls.routers.switch.SwitchRouter``)."""
+"""Dotted import path of a router class or preset in ``impls`` (``impls.routers.switch.SwitchRouter``)."""
 
 
 def survey_date_key(value: str) -> tuple[int, int, int]:
-    """Sortable ``(year, month, day)`` for a :data:`SurveyDate`, missing parts as 0."""
+    """Sortable ``(year, month, day)`` for a ``SurveyDate``, missing parts as 0."""
     m = _SURVEY_DATE_RE.fullmatch(value)
     assert m is not None
     return int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0)

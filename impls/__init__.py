@@ -6,11 +6,11 @@
 >>> plan.expert_ids_TK.shape
 torch.Size([8, 1])
 
-Files: :mod:`impls.plan` (the routing plan), :mod:`impls.router` (base class),
-:mod:`impls.functional` (capacity and loss math), :mod:`impls.registry` (names and presets),
-:mod:`impls.routers` (one module per router family), :mod:`impls.layer` (the MoE layer:
-dispatch, grouped experts, combine), :mod:`impls.oracle` (the slow loop it is tested against),
-:mod:`impls.balance` (global-batch balance loss across micro-batches and ranks).
+Files: ``impls.plan`` (the routing plan), ``impls.router`` (base class),
+``impls.functional`` (capacity and loss math), ``impls.registry`` (names and presets),
+``impls.routers`` (one module per router family), ``impls.layer`` (the MoE layer:
+dispatch, grouped experts, combine), ``impls.oracle`` (the slow loop it is tested against),
+``impls.balance`` (global-batch balance loss across micro-batches and ranks).
 """
 
 from impls import routers  # noqa: F401  (registers every router family)

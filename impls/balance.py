@@ -8,11 +8,11 @@ takes ``f`` from all tokens of the optimizer step (all ranks, all micro-batches 
 
 Partition invariance: with ``f`` shared, the token-weighted mean of the shard losses equals the
 loss of the concatenated batch (the loss is linear in ``P``), which is what
-:func:`impls.functional.load_balance_loss_from_counts` computes and the tests check.
+``impls.functional.load_balance_loss_from_counts()`` computes and the tests check.
 
-:class:`GlobalLoadBalance` keeps the running counts: call :meth:`GlobalLoadBalance.loss` for
+``GlobalLoadBalance`` keeps the running counts: call ``GlobalLoadBalance.loss()`` for
 each micro-batch's plan (counts are all-reduced over ``process_group`` when given) and
-:meth:`GlobalLoadBalance.reset` once per optimizer step. Counts are detached and kept in float32.
+``GlobalLoadBalance.reset()`` once per optimizer step. Counts are detached and kept in float32.
 """
 
 from __future__ import annotations

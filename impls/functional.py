@@ -1,6 +1,6 @@
 """Stateless routing math shared by the routers: capacity, auxiliary losses, masked reductions.
 
-Shape suffixes follow the legend in :mod:`impls.plan`. Everything here is vectorized (no loop over
+Shape suffixes follow the legend in ``impls.plan``. Everything here is vectorized (no loop over
 tokens or experts) and free of host synchronization.
 """
 

@@ -1,29 +1,29 @@
 """The MoE layer: gate → router → dispatch → grouped expert compute → combine.
 
-Shape suffixes follow the legend of :mod:`impls.plan` (``T`` tokens, ``D`` model, ``E`` experts,
+Shape suffixes follow the legend of ``impls.plan`` (``T`` tokens, ``D`` model, ``E`` experts,
 ``K`` slots per token, ``F`` expert hidden width) plus ``N = T * K``, the rows of the expert batch.
 
 Five roles, five pieces:
 
-* **router** — any :class:`impls.Router` (or a registry / preset name); returns a
-  :class:`impls.RoutingPlan`;
-* **dispatch** — :func:`make_dispatch` sorts the ``T * K`` slots by expert (a stable sort of small
+* **router** — any ``impls.Router`` (or a registry / preset name); returns a
+  ``impls.RoutingPlan``;
+* **dispatch** — ``make_dispatch()`` sorts the ``T * K`` slots by expert (a stable sort of small
   integer keys; slots that are empty, padding or dropped go to a sentinel bucket at the end) and
-  :func:`permute` gathers the token rows into that order; parameter-free;
-* **experts** — :class:`GroupedExperts`, ``E`` MLPs (GELU or SwiGLU) as stacked weights, computed
+  ``permute()`` gathers the token rows into that order; parameter-free;
+* **experts** — ``GroupedExperts``, ``E`` MLPs (GELU or SwiGLU) as stacked weights, computed
   with one grouped matrix multiply per projection (``torch._grouped_mm``), or, where that kernel
   is unavailable (float64, unaligned widths, old torch), an exact padded ``bmm`` fallback; never a
   Python loop over experts;
-* **combine** — :func:`combine` gathers each slot's expert output back (every index distinct, so
+* **combine** — ``combine()`` gathers each slot's expert output back (every index distinct, so
   forward and backward are deterministic on every device: no ``index_add_``/``scatter_add_``
   with colliding indices), weights it in float32 and sums over ``K`` (fused in one
   ``embedding_bag`` on CPU); the result is cast back to the input dtype;
-* **layer** — :class:`MoELayer` composes them and adds always-on shared experts.
+* **layer** — ``MoELayer`` composes them and adds always-on shared experts.
 
 The layer returns only the expert mixture; **the caller adds the residual** (``x + moe(x)[0]``),
 so tokens dropped by a capacity limit contribute exactly zero and keep only the residual stream.
 
-The naive loop over experts lives in :mod:`impls.oracle`, as the test oracle only.
+The naive loop over experts lives in ``impls.oracle``, as the test oracle only.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def combine(
     spare row, whose value is never used), so forward and backward are deterministic on every
     device. On CPU with float32/float64 rows the gather, weighting and sum run fused in
     ``embedding_bag`` (accumulated in float32, float64 for float64 experts). Elsewhere (CUDA, half
-    precision) :class:`_WeightedUnpermute` does it as a masked gather, a weighted sum over ``K``
+    precision) ``_WeightedUnpermute`` does it as a masked gather, a weighted sum over ``K``
     accumulated in float32 (products rounded to the rows' dtype), and a gather-only backward.
     """
     if y_ND.shape[0] != d.token_N.shape[0]:
@@ -421,7 +421,7 @@ class MoELayer(nn.Module):
         d_model: model width ``D``.
         d_hidden: hidden width ``F`` of each routed expert.
         num_experts: routed experts ``E``; may be omitted for presets that fix it.
-        router: a :class:`impls.Router` instance, or a registry / preset name built with
+        router: a ``impls.Router`` instance, or a registry / preset name built with
             ``router_options`` (e.g. ``"mixtral_8x7b"``, ``"switch_base"``, ``"topk"``).
         activation: ``"gelu"`` or ``"swiglu"`` experts.
         num_shared_experts: always-on experts applied to every token (DeepSeekMoE).

@@ -4,7 +4,7 @@ It is deliberately plain, the loop of Hugging Face's ``MixtralSparseMoeBlock``: 
 ``e`` it finds (with ``nonzero``, a host sync) the token slots routed to ``e`` that survived
 capacity, runs expert ``e`` on those tokens, and adds ``w_tj * E_e(x_t)`` to their output with
 ``index_add``. Obviously correct and slow (a Python loop over experts, a gather and a scatter
-per expert); :class:`impls.MoELayer`'s sorted, grouped path must match it, outputs and
+per expert); ``impls.MoELayer``'s sorted, grouped path must match it, outputs and
 gradients. Never use it for training.
 """
 

@@ -1,6 +1,6 @@
 """The routing plan: what a router decided, as one small immutable object.
 
-Shape legend used throughout :mod:`impls` (suffixes on tensor names):
+Shape legend used throughout ``impls`` (suffixes on tensor names):
 
 ====  ==========================================================
 T     tokens in the routed batch (``batch * seq`` flattened)
@@ -45,7 +45,7 @@ class RoutingPlan:
             softmax routers, sigmoid affinities, transport plan, ...).
         logits_TE: ``float32 [T, E]`` raw gate logits before any normalization.
         losses: unweighted auxiliary loss terms by name (``load_balance``, ``z_loss``, ...),
-            scalar tensors computed from this very decision. Weight them with :meth:`aux_loss`.
+            scalar tensors computed from this very decision. Weight them with ``aux_loss()``.
         token_mask_T: ``bool [T]`` valid (non-padding) tokens, or ``None`` when all are valid.
         capacity: tokens per expert when capacity was enforced, else ``None`` (dropless).
         info: router-specific extras (e.g. Sinkhorn iterations used), tensors or numbers.

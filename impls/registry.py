@@ -1,8 +1,8 @@
 """Registry of routers and paper-named presets.
 
 ``ROUTERS`` maps a router's registry name to its class; ``PRESETS`` maps a preset name
-(``switch_base``, ``mixtral_8x7b``, ...) to a :class:`Preset` that fixes the options a paper used.
-:func:`build_router` builds either.
+(``switch_base``, ``mixtral_8x7b``, ...) to a ``Preset`` that fixes the options a paper used.
+``build_router()`` builds either.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ class Preset:
         name: registry name (``switch_base``).
         router: registry name of the router class it configures.
         options: router config fields the paper fixes.
-        num_experts: the paper's expert count, used when :func:`build_router` gets none.
+        num_experts: the paper's expert count, used when ``build_router()`` gets none.
         layer: MoE-layer settings of the paper (``capacity_factor``, ``num_shared_experts``, ...),
-            applied by :class:`impls.MoELayer` when built from this preset.
+            applied by ``impls.MoELayer`` when built from this preset.
         loss_coefficients: the paper's weights for the plan's auxiliary losses, by loss name
-            (pass them to :meth:`impls.RoutingPlan.aux_loss`; :class:`impls.MoELayer` exposes
+            (pass them to ``impls.RoutingPlan.aux_loss()``; ``impls.MoELayer`` exposes
             them as ``layer.loss_coefficients``).
         papers: catalog slugs of the papers the preset follows.
         description: one-line summary with the citation.
@@ -55,7 +55,7 @@ class Preset:
 
 
 def register_router(cls: type[Router]) -> type[Router]:
-    """Class decorator: add a router to :data:`ROUTERS` under ``cls.name``."""
+    """Class decorator: add a router to ``ROUTERS`` under ``cls.name``."""
     name = getattr(cls, "name", None)
     if not name:
         raise TypeError(f"{cls.__qualname__} needs a class attribute 'name' to be registered")
@@ -66,7 +66,7 @@ def register_router(cls: type[Router]) -> type[Router]:
 
 
 def register_preset(preset: Preset) -> Preset:
-    """Add a preset to :data:`PRESETS`; returns it so modules can keep a named constant."""
+    """Add a preset to ``PRESETS``; returns it so modules can keep a named constant."""
     if preset.name in PRESETS and PRESETS[preset.name] != preset:
         raise ValueError(f"preset name {preset.name!r} already registered")
     if preset.name in ROUTERS:

@@ -3,21 +3,21 @@
 Template (flaxformer's ``Router`` split, in PyTorch):
 
 1. validate ``x_TD`` (shape, dtype) and the optional padding mask; a ``[batch, seq, D]`` input is
-   flattened to ``T = batch * seq`` tokens and its sequence length recorded (:attr:`Router.sequence_length`,
+   flattened to ``T = batch * seq`` tokens and its sequence length recorded (``Router.sequence_length``,
    for sequence-level losses);
 2. cast to **float32** explicitly, with any enclosing ``torch.autocast`` region switched off for
    steps 3-5 (CPU autocast ignores float32 and would run the gate in bfloat16);
 3. multiplicative input jitter ``x * U(1-eps, 1+eps)`` in training (Switch, Fedus et al. 2021);
-4. gate logits ``h = x W_r`` in float32 (:meth:`Router.compute_logits`);
-5. :meth:`Router.route` — the subclass's decision, returning a pre-capacity :class:`RoutingPlan`;
+4. gate logits ``h = x W_r`` in float32 (``Router.compute_logits()``);
+5. ``Router.route()`` — the subclass's decision, returning a pre-capacity ``RoutingPlan``;
 6. optional capacity (``capacity_factor``): slots beyond an expert's capacity are dropped, first
-   choices before second choices (:func:`impls.functional.capacity_keep`). Losses in the plan come
+   choices before second choices (``impls.functional.capacity_keep()``). Losses in the plan come
    from step 5, i.e. from the decision *before* capacity.
 
 Noise and sampling are off in ``eval()``, so evaluation is deterministic.
 
 State a router keeps in float32 whatever the module is cast to (e.g. the expert bias of
-auxiliary-loss-free balancing) is named in :attr:`Router.fp32_buffers`; ``module.to(torch.bfloat16)``
+auxiliary-loss-free balancing) is named in ``Router.fp32_buffers``; ``module.to(torch.bfloat16)``
 moves those buffers between devices but never changes their dtype.
 """
 
@@ -75,7 +75,7 @@ class RouterConfig:
 
 
 class Router(nn.Module):
-    """Maps tokens ``x_TD`` to a :class:`RoutingPlan`. Subclasses implement :meth:`route`.
+    """Maps tokens ``x_TD`` to a ``RoutingPlan``. Subclasses implement ``route()``.
 
     Class attributes every concrete router sets:
         name: registry name.
@@ -160,7 +160,7 @@ class Router(nn.Module):
 
     @property
     def sequence_length(self) -> int | None:
-        """Tokens per sequence of the batch being routed (valid inside :meth:`route`), else ``None``."""
+        """Tokens per sequence of the batch being routed (valid inside ``route()``), else ``None``."""
         return getattr(self, "_sequence_length", None)
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:

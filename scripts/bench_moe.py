@@ -4,9 +4,9 @@ For one shape (``T`` tokens, width ``D``, expert hidden ``F``, ``E`` experts, to
 a training step (forward + backward with a dense upstream gradient) of
 
 * ``dense``: an MLP of hidden width ``k * F`` (the same active FLOPs as the MoE layer),
-* ``moe``: :class:`impls.MoELayer` (router, sort-based dispatch, grouped matmul, combine,
+* ``moe``: ``impls.MoELayer`` (router, sort-based dispatch, grouped matmul, combine,
   auxiliary loss),
-* ``loop``: :func:`impls.oracle.moe_loop_reference` on the same layer (the naive per-expert loop),
+* ``loop``: ``impls.oracle.moe_loop_reference()`` on the same layer (the naive per-expert loop),
 
 interleaved repeat by repeat (so drifting clocks hit all three alike; each sample is one step
 between two device syncs, or ``--steps-per-sample`` steps back to back as in a training loop) and

@@ -7,7 +7,7 @@ Usage (from the repository root)::
     python scripts/export.py -o catalog.json    # into a file
 
 The document holds the taxonomy tree, every work with its curated fields and its fetched OpenAlex
-record (or null), a generation timestamp and headline counts; see :func:`catalog.export.export_catalog`.
+record (or null), a generation timestamp and headline counts; see ``catalog.export.export_catalog()``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Solver ops the routers build on, each usable on its own (any device, batched where noted).
 
-* :mod:`impls.ops.sinkhorn` — entropic optimal transport in the log domain (Sinkhorn scaling);
+* ``impls.ops.sinkhorn`` — entropic optimal transport in the log domain (Sinkhorn scaling);
   used by the Sinkhorn, S-BASE and Selective Sinkhorn routers.
-* :mod:`impls.ops.auction` — exact balanced linear assignment (auction algorithm plus an
+* ``impls.ops.auction`` — exact balanced linear assignment (auction algorithm plus an
   optimality repair); used by the BASE-layers router.
 """
 

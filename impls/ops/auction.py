@@ -7,7 +7,7 @@ which expert ``e``'s column is repeated ``c_e`` times (one column per slot, or "
 
 Algorithm, all vectorized in torch (loops only over rounds, never over tokens):
 
-1. **Warm start.** A few log-domain Sinkhorn iterations (:mod:`impls.ops.sinkhorn`) give expert
+1. **Warm start.** A few log-domain Sinkhorn iterations (``impls.ops.sinkhorn``) give expert
    potentials ``g``; ``price_e = -ε_s g_e`` is an approximate optimal dual price. Every token takes
    its best expert at these prices; an over-full expert keeps the tokens with the largest margin.
 2. **Forward auction** (Bertsekas 1988, Jacobi form) on the expanded problem. Each unassigned
@@ -43,7 +43,7 @@ from impls.ops.sinkhorn import sinkhorn
 
 @dataclass(frozen=True, eq=False)
 class AssignmentResult:
-    """Output of :func:`balanced_assignment`.
+    """Output of ``balanced_assignment()``.
 
     Attributes:
         expert_T: ``long [T]`` the expert of every token (``-1`` for excluded tokens).
@@ -195,7 +195,7 @@ def balanced_assignment(
     Args:
         scores_TE: ``[T, E]`` affinities (any float dtype; NaN is an error).
         capacities_E: ``long [E]`` tokens per expert summing to the number of valid tokens;
-            default :func:`balanced_capacities` (the first ``T % E`` experts take one more).
+            default ``balanced_capacities()`` (the first ``T % E`` experts take one more).
         token_mask_T: bool ``[T]``; False tokens are left out (``expert_T = -1``).
         eps: final auction ε on benefits rescaled to ``[0, 1]``; the auction result is within
             ``T·eps`` of optimal before the repair.

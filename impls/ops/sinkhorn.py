@@ -62,7 +62,7 @@ _EXP_FLOOR = {torch.float32: -25.0, torch.float64: -200.0}
 
 @dataclass(frozen=True, eq=False)
 class SinkhornResult:
-    """Output of :func:`sinkhorn`.
+    """Output of ``sinkhorn()``.
 
     Attributes:
         log_plan: ``[..., T, E]`` log of the transport plan (``-inf`` where no mass goes).

@@ -127,7 +127,7 @@ __all__ = ["DeepSeekConfig", "DeepSeekRouter", "group_limited_mask"]
 
 @dataclass(frozen=True, kw_only=True)
 class DeepSeekConfig(RouterConfig):
-    """Options of :class:`DeepSeekRouter`.
+    """Options of ``DeepSeekRouter``.
 
     Attributes:
         k: routed experts per token (``K_r``).
@@ -137,7 +137,7 @@ class DeepSeekConfig(RouterConfig):
         n_group: expert groups (devices / nodes); 1 disables group-limited routing.
         topk_group: groups each token may use.
         group_score: ``"max"`` (V2: best expert of the group) or ``"top2_sum"`` (V3).
-        aux_free_bias: keep a selection-only bias updated by :meth:`DeepSeekRouter.update_bias`.
+        aux_free_bias: keep a selection-only bias updated by ``DeepSeekRouter.update_bias()``.
         bias_update_rate: ``u`` of the sign rule.
     """
 

@@ -21,7 +21,7 @@ $$
   annealed from high (near-uniform, dense) to low (peaked), with experts below a weight
   threshold dropped, so the active set shrinks during training:
   $g(x) = \operatorname{softmax}\big((x W_g + \gamma)/\tau\big)$, $\gamma \sim \operatorname{Gumbel}(0, 1)$.
-  :func:`dense_to_sparse_temperature` gives an exponential schedule; set `router.temperature`.
+  ``dense_to_sparse_temperature()`` gives an exponential schedule; set `router.temperature`.
 
 Losses (unweighted): `importance` (CV² of each expert's summed gate, Shazeer et al.'s importance
 loss, the usual balance term for dense gates), `mutual_information` and `entropy` (mean per-token
@@ -82,7 +82,7 @@ def dense_to_sparse_temperature(step: int, total_steps: int, start: float = 2.0,
 
 @dataclass(frozen=True, kw_only=True)
 class DenseGateConfig(RouterConfig):
-    """Options of :class:`DenseGateRouter`.
+    """Options of ``DenseGateRouter``.
 
     Attributes:
         num_tasks: separate gates over the same experts (MMoE).

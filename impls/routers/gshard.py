@@ -79,7 +79,7 @@ _POLICIES = ("all", "random", "threshold", "none")
 
 @dataclass(frozen=True, kw_only=True)
 class GShardConfig(RouterConfig):
-    """Options of :class:`GShardRouter`.
+    """Options of ``GShardRouter``.
 
     Attributes:
         k: must be 2 (GShard is a top-2 gate).

@@ -116,7 +116,7 @@ def _masked_sum(x_TE: torch.Tensor, token_mask_T: torch.Tensor | None) -> torch.
 
 @dataclass(frozen=True, kw_only=True)
 class NoisyTopKConfig(RouterConfig):
-    """Options of :class:`NoisyTopKRouter`.
+    """Options of ``NoisyTopKRouter``.
 
     Attributes:
         k: experts per token (>= 2: with k = 1 the single weight is the constant 1).
@@ -203,7 +203,7 @@ class NoisyTopKRouter(Router):
 
 @dataclass(frozen=True, kw_only=True)
 class VMoEConfig(RouterConfig):
-    """Options of :class:`VMoERouter`.
+    """Options of ``VMoERouter``.
 
     Attributes:
         k: experts per token.
@@ -272,7 +272,7 @@ class VMoERouter(Router):
 
 @dataclass(frozen=True, kw_only=True)
 class PrototypeConfig(RouterConfig):
-    """Options of :class:`PrototypeRouter`: ``k`` is the number of prototypes (one expert from each)."""
+    """Options of ``PrototypeRouter``: ``k`` is the number of prototypes (one expert from each)."""
 
     k: int = 2
 

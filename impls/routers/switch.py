@@ -82,7 +82,7 @@ __all__ = ["SwitchConfig", "SwitchRouter"]
 
 @dataclass(frozen=True, kw_only=True)
 class SwitchConfig(RouterConfig):
-    """Options of :class:`SwitchRouter` (those of :class:`impls.RouterConfig`; ``k`` 1 by default)."""
+    """Options of ``SwitchRouter`` (those of ``impls.RouterConfig``; ``k`` 1 by default)."""
 
     k: int = 1
 

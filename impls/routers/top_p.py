@@ -62,7 +62,7 @@ __all__ = ["TopPConfig", "TopPRouter"]
 
 @dataclass(frozen=True, kw_only=True)
 class TopPConfig(RouterConfig):
-    """Options of :class:`TopPRouter`.
+    """Options of ``TopPRouter``.
 
     Attributes:
         top_p: cumulative-probability threshold ``p`` (0 < p <= 1).

@@ -92,7 +92,7 @@ __all__ = ["TopKConfig", "TopKRouter", "standardize_logits", "topk_softmax"]
 
 @dataclass(frozen=True, kw_only=True)
 class TopKConfig(RouterConfig):
-    """Options of :class:`TopKRouter`.
+    """Options of ``TopKRouter``.
 
     Attributes:
         k: experts per token (default 2).

@@ -6,10 +6,10 @@
 >>> site.nav[0]                                                  # doctest: +SKIP
 {'Home': 'index.md'}
 
-Modules: :mod:`~scripts.sitegen.text` (escaping, links), :mod:`~scripts.sitegen.svg` (inline
-charts), :mod:`~scripts.sitegen.bibtex`, :mod:`~scripts.sitegen.routers` (router families and
+Modules: ``text`` (escaping, links), ``svg`` (inline
+charts), ``bibtex``, ``routers`` (router families and
 their measured behaviour), ``pages_*`` (one module per kind of page),
-:mod:`~scripts.sitegen.generate` (writes everything) and :mod:`~scripts.sitegen.build` (MkDocs).
+``generate`` (writes everything) and ``build`` (MkDocs).
 """
 
 from scripts.sitegen.generate import GeneratedSite, generate

@@ -61,7 +61,7 @@ def build_site(
 ) -> BuildResult:
     """Write the generated pages into ``docs_dir`` (default ``site/``) and build into ``site_dir``.
 
-    Raises :class:`mkdocs.exceptions.Abort` when MkDocs reports a warning under ``strict``.
+    Raises ``mkdocs.exceptions.Abort`` when MkDocs reports a warning under ``strict``.
     """
     from mkdocs.commands.build import build
     from mkdocs.config import load_config

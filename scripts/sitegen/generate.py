@@ -1,6 +1,6 @@
 """Write every generated page, download and home-page fragment, and return the navigation.
 
-:func:`generate` needs no MkDocs: it turns a :class:`catalog.Catalog` (and the router families,
+``generate()`` needs no MkDocs: it turns a ``catalog.Catalog`` (and the router families,
 if any) into Markdown files under ``<docs>/generated/`` and a ``nav`` list for the MkDocs config.
 Output is deterministic for a given catalog (router timings aside).
 """

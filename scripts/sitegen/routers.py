@@ -1,11 +1,11 @@
-"""What the router pages show, read from :mod:`impls` and measured on CPU at build time.
+"""What the router pages show, read from ``impls`` and measured on CPU at build time.
 
 A *family* is one module ``impls/routers/<family>.py``: its docstring explains the method, its
 classes are the routers registered in ``impls.ROUTERS``, and the presets whose router is one of
-them belong to it. :func:`discover` returns no families while ``impls`` registers none yet.
+them belong to it. ``discover()`` returns no families while ``impls`` registers none yet.
 
 Measured behaviour: every router and preset of a family routes one fixed, seeded, deliberately
-skewed batch (:class:`MeasureSetup`) in training mode, and the page reports the plan's own
+skewed batch (``MeasureSetup``) in training mode, and the page reports the plan's own
 diagnostics plus the median forward time.
 """
 
@@ -189,9 +189,9 @@ def _api_members(mod: Any) -> tuple[str, ...]:
 def discover(
     measure: bool = True, setup: MeasureSetup | None = None, repo: Path | None = None
 ) -> list[RouterFamily]:
-    """All router families registered in :mod:`impls`, in name order; ``[]`` if there are none.
+    """All router families registered in ``impls``, in name order; ``[]`` if there are none.
 
-    Importing :mod:`impls` is not optional: a broken package fails the build. What may be missing
+    Importing ``impls`` is not optional: a broken package fails the build. What may be missing
     (while the registry is being filled) is the registry itself or any entry in it.
     """
     import impls

@@ -2,12 +2,12 @@
 
 Text that comes from curated files or from OpenAlex is never trusted as markup:
 
-* :func:`md` escapes it for Markdown *and* HTML, so a title such as ``<script>`` or ``*x*`` shows
+* ``md()`` escapes it for Markdown *and* HTML, so a title such as ``<script>`` or ``*x*`` shows
   as typed and no tag, emphasis, link or math is created;
-* :func:`h` escapes it for raw HTML (element text and quoted attribute values).
+* ``h()`` escapes it for raw HTML (element text and quoted attribute values).
 
 Links between generated pages are written as relative ``.md`` paths in Markdown (MkDocs checks
-them in strict mode) and, inside raw HTML, as relative directory URLs (:func:`href`).
+them in strict mode) and, inside raw HTML, as relative directory URLs (``href()``).
 """
 
 from __future__ import annotations
