@@ -16,8 +16,8 @@ Five roles, five pieces:
   Python loop over experts;
 * **combine** — ``combine()`` gathers each slot's expert output back (every index distinct, so
   forward and backward are deterministic on every device: no ``index_add_``/``scatter_add_``
-  with colliding indices), weights it in float32 and sums over ``K`` (fused in one
-  ``embedding_bag`` on CPU); the result is cast back to the input dtype;
+  with colliding indices), weights it and sums over ``K`` with float32 accumulation (fused in
+  one ``embedding_bag`` for float32 rows on CPU); the result is cast back to the input dtype;
 * **layer** — ``MoELayer`` composes them and adds always-on shared experts.
 
 The layer returns only the expert mixture; **the caller adds the residual** (``x + moe(x)[0]``),
@@ -112,22 +112,13 @@ def _fused_bag(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
-def _gather_sum(
-    rows_ND: torch.Tensor, d: Dispatch, w_TK: torch.Tensor | None, acc: torch.dtype
-) -> torch.Tensor:
-    """``sum_j w_tj * rows[gather_tj]`` over kept slots, never reading the spare row's value."""
-    T, K = d.gather_TK.shape
-    if _fused_bag(rows_ND):
-        w = None if w_TK is None else w_TK.to(rows_ND.dtype)
-        out = F.embedding_bag(
-            d.gather_TK, rows_ND.contiguous(), per_sample_weights=w, mode="sum", padding_idx=d.spare_row
-        )
-        return out.to(acc)
-    r_TKD = rows_ND.index_select(0, d.gather_TK.reshape(-1)).view(T, K, -1)
-    r_TKD = torch.where(d.keep_TK[..., None], r_TKD, r_TKD.new_zeros(())).to(acc)
-    if w_TK is not None:
-        r_TKD = r_TKD * w_TK.to(acc)[..., None]
-    return r_TKD[:, 0] if K == 1 else r_TKD.sum(1)
+def _bag_sum(rows_ND: torch.Tensor, d: Dispatch, w_TK: torch.Tensor | None) -> torch.Tensor:
+    """``sum_j w_tj * rows[gather_tj]`` over kept slots in one ``embedding_bag`` (the spare row is
+    its padding index, so its value is never read); for CPU float32/float64 rows."""
+    w = None if w_TK is None else w_TK.to(rows_ND.dtype)
+    return F.embedding_bag(
+        d.gather_TK, rows_ND.contiguous(), per_sample_weights=w, mode="sum", padding_idx=d.spare_row
+    )
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -145,7 +136,9 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ND):  # type: ignore[override]
-        return _gather_sum(grad_ND, ctx.d, None, grad_ND.dtype), None
+        if _fused_bag(grad_ND):
+            return _bag_sum(grad_ND, ctx.d, None), None
+        return _kept_rows(grad_ND, ctx.d).sum(1), None
 
 
 def permute(x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
@@ -231,8 +224,7 @@ def combine(
         raise ValueError(f"combine: y has {y_ND.shape[0]} rows, the dispatch has {d.token_N.shape[0]}")
     w_TK = torch.where(d.keep_TK, weights_TK, weights_TK.new_zeros(()))
     if _fused_bag(y_ND):
-        acc = torch.promote_types(y_ND.dtype, torch.float32)
-        return _gather_sum(y_ND, d, w_TK, acc).to(out_dtype)
+        return _bag_sum(y_ND, d, w_TK).to(out_dtype)
     return _WeightedUnpermute.apply(y_ND, w_TK, d).to(out_dtype)
 
 
