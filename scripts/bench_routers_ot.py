@@ -7,7 +7,12 @@ Mixtral for k > 1, the raw probability for k = 1) when present, else an inline `
 ``torch.topk`` (the output says which).
 Routers are timed interleaved, repeat by repeat, and medians are reported together with what each
 router reports about its own work: Sinkhorn iterations and final marginal error, auction rounds and
-cycle repairs of the exact assignment, and the resulting max/mean expert load.
+cycle repairs and searches of the exact assignment, and the resulting max/mean expert load.
+
+The ``ops`` column counts the tensor operations (ATen ops that compute, views excluded) of one
+call that produce a tensor on the benchmark device, in a separate untimed call. On a GPU each is a
+kernel launch, and router-sized problems are bound by launches, so it explains the GPU ratios from
+any machine; on the CPU it also counts the exact assignment's host-side cycle search.
 
 SSR is timed on a Sinkhorn step (``sinkhorn_prob=1``); on average it costs
 ``p * t(Sinkhorn step) + (1 - p) * t(top-k)`` with ``p`` its Sinkhorn fraction.
@@ -31,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -117,6 +123,30 @@ def baseline(args, device: torch.device) -> tuple[str, Callable[[torch.Tensor], 
     return "inline softmax + torch.topk", inline
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the computing ATen ops (not views) whose output lies on ``device``."""
+
+    SKIP = frozenset({"lift_fresh", "scalar_tensor", "_local_scalar_dense", "empty", "detach"})
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device, self.ops = device, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket.__name__ not in self.SKIP:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if any(isinstance(o, torch.Tensor) and o.device.type == self.device.type for o in outs):
+                self.ops += 1
+        return out
+
+
+def count_ops(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> int:
+    with OpCounter(x.device) as counter:
+        fn(x)
+    return counter.ops
+
+
 def describe(plan: impls.RoutingPlan) -> dict[str, str]:
     info = plan.info
     out = {"iters": "", "error": "", "rounds": "", "repairs": ""}
@@ -126,6 +156,7 @@ def describe(plan: impls.RoutingPlan) -> dict[str, str]:
     if "assignment_rounds" in info:
         out["rounds"] = str(info["assignment_rounds"])
         out["repairs"] = f"{info['assignment_repairs']}{'' if info['assignment_optimal'] else ' (!)'}"
+        out["searches"] = str(info["assignment_searches"])
     load = plan.expert_load
     out["max/mean load"] = f"{float(load.max() / load.mean()):.3f}"
     return out
@@ -172,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     base_ms = statistics.median(times["top-k baseline"]) * 1e3
 
     print(f"\nBaseline: {base_name}: {base_ms:.3f} ms")
-    cols = ["router", "ms", "x top-k", "iters", "error", "rounds", "repairs", "max/mean load"]
+    cols = ["router", "ms", "x top-k", "ops", "iters", "error"]
+    cols += ["rounds", "repairs", "searches", "max/mean load"]
     rows = []
-    for n in runs:
+    for n, fn in runs.items():
         ms = statistics.median(times[n]) * 1e3
-        row = {"router": n, "ms": f"{ms:.3f}", "x top-k": f"{ms / base_ms:.2f}"}
+        row = {"router": n, "ms": f"{ms:.3f}", "x top-k": f"{ms / base_ms:.2f}", "ops": str(count_ops(fn, x))}
         plan = plans[n]
         row.update(describe(plan) if isinstance(plan, impls.RoutingPlan) else {})
         rows.append(row)

@@ -75,20 +75,110 @@ def test_balanced_assignment_is_optimal_on_larger_problems(T, E):
     )
 
 
-def test_a_capped_auction_is_repaired_to_the_optimum():
+@pytest.mark.parametrize("price_steps", [0, 8])
+@pytest.mark.parametrize("max_rounds", [0, 1, 10_000])
+def test_every_stage_mix_reaches_the_optimum(price_steps, max_rounds):
+    """Prices or none, auction to the end or cut off: the repair always lands on the optimum."""
     a = torch.randn(60, 6, generator=_gen(1))
-    res = balanced_assignment(a, max_rounds=1)
     cap = balanced_capacities(60, 6)
-    assert res.rounds == 1 and res.repairs > 0 and res.optimal
-    assert math.isclose(
-        _total(a, res.expert_T), _scipy_optimum(a.double().numpy(), cap.numpy()), rel_tol=1e-9
-    )
+    res = balanced_assignment(a, price_steps=price_steps, max_rounds=max_rounds)
+    assert res.price_steps == price_steps and res.rounds <= max_rounds and res.optimal
+    assert torch.equal(torch.bincount(res.expert_T, minlength=6), cap)
+    best = _scipy_optimum(a.double().numpy(), cap.numpy())
+    assert math.isclose(_total(a, res.expert_T), best, rel_tol=1e-9)
+
+
+def test_a_cut_off_auction_from_zero_prices_is_repaired_to_the_optimum():
+    a = torch.randn(60, 6, generator=_gen(1))
+    res = balanced_assignment(a, price_steps=0, max_rounds=1)
+    assert res.rounds == 1 and res.repairs > 0 and res.searches >= 2 and res.optimal
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_router_sized_problems_are_solved_exactly(seed):
+    """Router-like affinities (small logits, many near-ties) at T=2048, E=64: the default path."""
+    g = _gen(100 + seed)
+    x = torch.randn(2048, 64, generator=g)
+    w = torch.linalg.qr(torch.randn(64, 64, generator=g))[0] * 0.1
+    a = x @ w
+    cap = balanced_capacities(2048, 64)
+    res = balanced_assignment(a)
+    assert res.optimal
+    assert torch.equal(torch.bincount(res.expert_T, minlength=64), cap)
+    best = _scipy_optimum(a.double().numpy(), cap.numpy())
+    assert math.isclose(_total(a, res.expert_T), best, rel_tol=1e-9)
+
+
+def test_one_price_step_gives_every_expert_exactly_its_capacity():
+    """The reverse auction's defining step: expert e's new price, with the others' held fixed,
+    makes exactly c_e tokens prefer e."""
+    from impls.ops.auction import _equalizing_prices
+
+    T, E = 200, 5
+    a = torch.rand(T, E, generator=_gen(12), dtype=torch.float64)
+    cap = torch.tensor([50, 50, 40, 30, 30])
+    p0 = torch.rand(E, generator=_gen(13), dtype=torch.float64) * 0.2
+    p1 = _equalizing_prices(a, cap, p0, steps=1, damping=1.0, c_max=50)
+    for e in range(E):
+        prices = p0.clone()
+        prices[e] = p1[e]
+        others = torch.cat([a[:, :e] - prices[:e], a[:, e + 1 :] - prices[e + 1 :]], 1).amax(1)
+        assert int((a[:, e] - prices[e] > others).sum()) == int(cap[e])
+
+
+def test_price_steps_leave_few_tokens_on_over_full_experts():
+    from impls.ops.auction import _equalizing_prices
+
+    x = torch.randn(4096, 64, generator=_gen(14), dtype=torch.float64)
+    a = x @ torch.randn(64, 32, generator=_gen(15), dtype=torch.float64)
+    a = (a - a.min()) / (a.max() - a.min())
+
+    cap = balanced_capacities(4096, 32)
+
+    def excess(prices):
+        load = torch.bincount((a - prices).argmax(1), minlength=32)
+        return int((load - cap).clamp_min(0).sum())
+
+    zero = torch.zeros(32, dtype=torch.float64)
+    after = _equalizing_prices(a, cap, zero, steps=8, damping=0.5, c_max=int(cap.max()))
+    assert excess(zero) > 400 and excess(after) < 20
+
+
+def test_a_cycle_is_cancelled_in_bulk_and_only_while_it_gains():
+    """Three tokens sit on the wrong expert of a 2-cycle and a fourth swap would lose: one
+    cancellation moves exactly the three pairs that gain."""
+    from impls.ops.auction import _cancel
+
+    # tokens 0-3 on expert 0 prefer expert 1 by 1.0, 0.5, 0.2, -0.3; tokens 4-7 on expert 1
+    # prefer expert 0 by 0.9, 0.6, 0.1, -0.05
+    pref0 = torch.tensor([-1.0, -0.5, -0.2, 0.3, 0.9, 0.6, 0.1, -0.05], dtype=torch.float64)
+    a = torch.stack([pref0, torch.zeros(8, dtype=torch.float64)], 1)
+    expert_T = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    out = _cancel(a, expert_T, [[0, 1]], tol=1e-12)
+    # pair j gains (a-gain of token j) + (gain of token 4+j): 1.9, 1.1, 0.3 > 0, then -0.35 < 0
+    assert out.tolist() == [1, 1, 1, 0, 0, 0, 0, 1]
+    assert torch.equal(torch.bincount(out, minlength=2), torch.bincount(expert_T, minlength=2))
+
+
+def test_the_cycle_search_returns_vertex_disjoint_negative_cycles():
+    from impls.ops.auction import _negative_cycles
+
+    W = torch.full((6, 6), 5.0, dtype=torch.float64)
+    W[0, 1], W[1, 2], W[2, 0] = -1.0, -1.0, 1.0  # cost -1
+    W[3, 4], W[4, 3] = -2.0, 1.0  # cost -1
+    cycles = _negative_cycles(W, tol=1e-12)
+    assert sorted(sorted(c) for c in cycles) == [[0, 1, 2], [3, 4]]
+    for cyc in cycles:
+        assert sum(float(W[e, f]) for e, f in zip(cyc, cyc[1:] + cyc[:1], strict=True)) < 0
+    W[2, 0] = 2.5  # both cycles become non-negative
+    W[4, 3] = 2.0
+    assert _negative_cycles(W, tol=1e-12) == []
 
 
 def test_without_repairs_the_result_is_feasible_but_not_certified():
     a = torch.randn(60, 6, generator=_gen(2))
     with pytest.warns(RuntimeWarning, match="not certified"):
-        res = balanced_assignment(a, max_rounds=0, max_repairs=0)
+        res = balanced_assignment(a, price_steps=0, max_rounds=0, max_repairs=0)
     assert not res.optimal
     assert torch.equal(torch.bincount(res.expert_T, minlength=6), balanced_capacities(60, 6))
 

@@ -27,13 +27,15 @@ $x_t$ term (with a pre-norm FFN as the expert the output is exactly the formula 
 assignment itself has no gradient (fairseq computes the affinities under ``no_grad``); the gate
 weights learn through $\sigma(a)$.
 
-**Solver.** `impls.ops.auction.balanced_assignment` — a vectorized uniform-price auction
-(Bertsekas) on the device, then an exact repair that cancels negative cycles of the expert-level
-residual graph until none is left, which certifies optimality (`info["assignment_optimal"]`).
-Host syncs: one per auction round (the "everyone assigned?" test) and one per cycle search.
-fairseq's C++ auction instead uses ε = range/50 and switches to an approximation after 100
-rounds, so its assignment is not exactly optimal; this one is (tested against SciPy's
-``linear_sum_assignment`` on the expanded matrix).
+**Solver.** `impls.ops.auction.balanced_assignment`: a reverse auction (experts bid for tokens)
+sets near-optimal expert prices in a few sync-free steps, a forward auction (tokens bid for
+experts) assigns the tokens at those prices, and an exact repair cancels negative cycles of the
+expert-level residual graph until none is left, which certifies optimality
+(`info["assignment_optimal"]`). Host syncs: one per forward-auction round (two by default), one
+per greedy-fill pass and one per cycle search (a handful; the last one certifies). fairseq's C++
+auction instead uses ε = range/50 and switches to an approximation after 100 rounds, so its
+assignment is not exactly optimal; this one is (tested against SciPy's ``linear_sum_assignment``
+on the expanded matrix).
 
 **Uneven batches.** fairseq requires ``T`` divisible by the number of experts. Here, with $T'$
 valid (non-padding) tokens, every expert gets $\lfloor T'/E \rfloor$ tokens and the **first**
@@ -81,17 +83,21 @@ class BaseLayersConfig(RouterConfig):
     Attributes:
         orthogonal_init: initialize the expert centroids orthogonally with gain 0.1 (fairseq).
         eval_routing: ``"greedy"`` top-1 (paper) or ``"balanced"`` (the assignment at inference).
-        auction_eps: auction ε on affinities rescaled to [0, 1] (the exact repair makes the final
-            assignment optimal for any ε; ε only trades auction rounds against repairs).
-        max_rounds: cap on auction rounds.
+        auction_eps: forward-auction ε on affinities rescaled to [0, 1] (the exact repair makes
+            the final assignment optimal for any ε; ε only trades auction work against repairs).
+        max_rounds: cap on forward-auction rounds before the greedy fill and the repair.
         max_repairs: cap on cancelled cycles; ``None`` = ``10 * E``.
+        price_steps: reverse-auction steps that set the opening prices.
+        price_damping: step size of the price steps after the first, in ``(0, 1]``.
     """
 
     orthogonal_init: bool = True
     eval_routing: Literal["greedy", "balanced"] = "greedy"
     auction_eps: float = 1e-3
-    max_rounds: int = 10_000
+    max_rounds: int = 2
     max_repairs: int | None = None
+    price_steps: int = 8
+    price_damping: float = 0.5
 
     def validate(self, num_experts: int) -> None:
         super().validate(num_experts)
@@ -105,6 +111,10 @@ class BaseLayersConfig(RouterConfig):
             raise ValueError(f"max_rounds must be >= 0, got {self.max_rounds}")
         if self.max_repairs is not None and self.max_repairs < 0:
             raise ValueError(f"max_repairs must be >= 0 or None, got {self.max_repairs}")
+        if self.price_steps < 0:
+            raise ValueError(f"price_steps must be >= 0, got {self.price_steps}")
+        if not 0.0 < self.price_damping <= 1.0:
+            raise ValueError(f"price_damping must be in (0, 1], got {self.price_damping}")
 
 
 @register_router
@@ -141,11 +151,14 @@ class BalancedAssignmentRouter(Router):
                 eps=cfg.auction_eps,
                 max_rounds=cfg.max_rounds,
                 max_repairs=cfg.max_repairs,
+                price_steps=cfg.price_steps,
+                price_damping=cfg.price_damping,
             )
             expert_T = res.expert_T.clamp_min(0)
             info = {
                 "assignment_rounds": res.rounds,
                 "assignment_repairs": res.repairs,
+                "assignment_searches": res.searches,
                 "assignment_optimal": res.optimal,
             }
         else:
