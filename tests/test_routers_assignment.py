@@ -166,13 +166,20 @@ def test_the_cycle_search_returns_vertex_disjoint_negative_cycles():
     W = torch.full((6, 6), 5.0, dtype=torch.float64)
     W[0, 1], W[1, 2], W[2, 0] = -1.0, -1.0, 1.0  # cost -1
     W[3, 4], W[4, 3] = -2.0, 1.0  # cost -1
-    cycles = _negative_cycles(W, tol=1e-12)
+    zero = torch.zeros(6, dtype=torch.float64)
+    cycles, _, _ = _negative_cycles(W, 1e-12, zero)
     assert sorted(sorted(c) for c in cycles) == [[0, 1, 2], [3, 4]]
     for cyc in cycles:
         assert sum(float(W[e, f]) for e, f in zip(cyc, cyc[1:] + cyc[:1], strict=True)) < 0
     W[2, 0] = 2.5  # both cycles become non-negative
     W[4, 3] = 2.0
-    assert _negative_cycles(W, tol=1e-12) == []
+    cycles, dist, settled = _negative_cycles(W, 1e-12, zero)
+    assert cycles == [] and settled
+    # the distances certify it: a feasible potential, d_f <= d_e + W_ef on every edge
+    off_diagonal = ~torch.eye(6, dtype=torch.bool)
+    assert (dist[None, :] <= dist[:, None] + W + 1e-12)[off_diagonal].all()
+    # warm-started from that potential, the search finds nothing and settles
+    assert _negative_cycles(W, 1e-12, dist)[::2] == ([], True)
 
 
 def test_without_repairs_the_result_is_feasible_but_not_certified():

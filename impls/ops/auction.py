@@ -10,16 +10,15 @@ assignment is optimal iff some prices make every token's expert a best choice,
 
 Algorithm, all vectorized in torch (loops only over rounds, never over tokens or experts):
 
-1. **Reverse auction for the prices** (experts bid for tokens, as in the reverse auction of
-   Bertsekas, Castañón & Tsaknakis 1993; here in Jacobi form, with ε = 0 and damping, which only
-   has to produce good prices, not a final answer). With the other prices fixed, expert ``e``'s *equalizing* price is the one at which
-   exactly ``c_e`` tokens prefer it: the ``c_e``-th largest margin
-   ``a_te - max_{f≠e} (a_tf - p_f)`` over the tokens (midway to the next one). All experts move
-   to it at once, damped after the first step (``price_damping``). A few steps bring the prices
-   close to the optimal duals: on router-like scores with ``T = 16384``, ``E = 64``, eight steps
-   leave about ten tokens on over-full experts (none would be left at the optimal prices, up to
-   ties). The steps are ``O(T·E)`` each and need no host
-   sync.
+1. **Reverse auction for the prices.** Experts bid for tokens, as in the reverse auction of
+   Bertsekas, Castañón & Tsaknakis (1993); here in Jacobi form, with ε = 0 and damping, since it
+   only has to produce good prices, not the final answer. With the other prices fixed, expert
+   ``e``'s *equalizing* price is the one at which exactly ``c_e`` tokens prefer it: the ``c_e``-th
+   largest margin ``a_te - max_{f≠e} (a_tf - p_f)`` over the tokens (midway to the next one). All
+   experts move to it at once, damped after the first step (``price_damping``). A few steps bring
+   the prices close to the optimal duals: on router-like scores with ``T = 16384``, ``E = 64``,
+   eight steps leave about ten tokens on over-full experts (none would be left at the optimal
+   prices, up to ties). The steps are ``O(T·E)`` each and need no host sync.
 2. **Forward auction** (Bertsekas 1988, Jacobi form) from those prices. Each unassigned token
    ``t`` values expert ``e`` at ``a_te - λ_e``, finds its best expert ``e*`` and the value ``w``
    of its best alternative, and bids ``a_te* - w + ε``. Expert ``e`` sorts its bidders by bid and
@@ -36,10 +35,12 @@ Algorithm, all vectorized in torch (loops only over rounds, never over tokens or
    ``W_ef = min_{t in e} (a_te - a_tf)``; a cycle ``e1 → e2 → … → e1`` with negative total cost
    moves one (distinct) token along each edge, keeps every expert's count and raises the total
    affinity. Bellman–Ford on the ``E × E`` matrix (on the host: it is tiny, and reading it is the
-   search's one sync) finds vertex-disjoint negative cycles; each is cancelled in bulk, moving the
-   ``j`` cheapest tokens along every edge for every ``j`` whose unit still lowers the cost (up to
-   32 per edge), and the search repeats until no cycle is left (up to ``max_repairs``). With no negative cycle left
-   (beyond a float64 round-off tolerance) the assignment is optimal: ``optimal=True``.
+   search's one sync), warm-started from the prices, finds a set of vertex-disjoint negative
+   cycles. Each is cancelled in bulk: the ``j`` cheapest tokens move along every edge for every
+   ``j`` whose unit still lowers the cost (up to 32 per edge). The search repeats until no cycle
+   is left (up to ``max_repairs`` cycles); its last distances are then a feasible potential, which
+   certifies that the assignment is optimal (``optimal=True``, up to a float64 round-off
+   tolerance).
 
 Costs: ``O(T·E)`` per price step, auction round and repair, ``O(E^3)`` host work per cycle
 search. The benefits are handled in float64 and rescaled to ``[0, 1]`` (the optimal assignment is
@@ -131,8 +132,10 @@ def _equalizing_prices(
 
 def _auction(
     a: torch.Tensor, cap: torch.Tensor, price_E: torch.Tensor, eps: float, max_rounds: int, c_max: int
-) -> tuple[torch.Tensor, int]:
-    """Uniform-price forward auction from expert prices ``price_E``; returns ``expert_T`` and the rounds.
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Uniform-price forward auction from expert prices ``price_E``.
+
+    Returns ``expert_T``, the final prices and the rounds run.
 
     Expert ``e`` has ``cap[e]`` places, each remembering the offer ``beta`` of the token holding it
     (``-inf`` when free). In the first round every token bids for its best expert at ``price_E``.
@@ -176,7 +179,7 @@ def _auction(
     else:
         # cap reached: fill the free places greedily (feasible); the exact repair finishes the job
         _fill_greedily(a - price, expert_T[:T], cap)
-    return expert_T[:T], rounds
+    return expert_T[:T], price, rounds
 
 
 def _fill_greedily(v: torch.Tensor, expert_T: torch.Tensor, cap: torch.Tensor) -> None:
@@ -205,47 +208,48 @@ def _move_costs(a: torch.Tensor, expert_T: torch.Tensor, E: int) -> torch.Tensor
     return W.scatter_reduce_(0, expert_T[:, None].expand_as(d), d, reduce="amin")
 
 
-def _negative_cycles(W: torch.Tensor, tol: float) -> list[list[int]]:
+def _negative_cycles(
+    W: torch.Tensor, tol: float, dist: torch.Tensor
+) -> tuple[list[list[int]], torch.Tensor, bool]:
     """Vertex-disjoint negative-cost cycles of the complete digraph ``W`` (Bellman–Ford, on the host).
 
-    Relaxing from a virtual source (all distances 0), a round without change proves that no
-    negative cycle exists. Otherwise every cycle of the predecessor graph has negative cost; the
-    graph is searched for them every few rounds, so a cycle is usually found long before the
-    ``E``-th round. The vertices of the cycles found are then taken out and the search is run again
-    on the rest, so one call returns a whole set of vertex-disjoint cycles (cancelled together).
-    An empty list means no negative cycle exists.
+    The relaxation starts from any distances ``dist`` (a warm start: minus the auction's prices,
+    or the previous search's result, which violate few edges, so few rounds are needed). A round
+    without change proves that no negative cycle is left: the distances are then a feasible
+    potential (``d_f <= d_e + W_ef`` on every edge), so every cycle costs at least 0. Until then
+    every cycle of the predecessor graph has negative cost; the graph is searched for them every
+    few rounds. The vertices of the cycles found are taken out of the graph (their edges set to
+    ``inf``, their successors' predecessors forgotten) and the relaxation goes on, so one call
+    returns a whole set of vertex-disjoint cycles, to be cancelled together, the distances
+    reached, and whether they settled. An empty list of cycles with settled distances means that
+    no negative cycle exists; the relaxation is capped at ``16·E`` rounds, beyond which (never
+    seen) nothing is certified.
     """
     W = W.detach().to("cpu", torch.float64, copy=True)  # the search's one device-to-host copy
+    E = W.shape[0]
     W.fill_diagonal_(float("inf"))
     W_l = W.tolist()
-    found: list[list[int]] = []
-    while True:
-        cycles = _bellman_ford_cycles(W, W_l, tol)
-        if not cycles:
-            return found
-        found += cycles
-        used = torch.tensor([v for cyc in cycles for v in cyc])
-        W[used, :] = float("inf")
-        W[:, used] = float("inf")
-
-
-def _bellman_ford_cycles(W: torch.Tensor, W_l: list[list[float]], tol: float) -> list[list[int]]:
-    """The negative cycles of the first predecessor graph of Bellman–Ford that has any."""
-    E = W.shape[0]
-    dist = torch.zeros(E, dtype=torch.float64)
+    dist = dist.to(torch.float64, copy=True)
     pred = torch.full((E,), -1, dtype=torch.long)
-    for rnd in range(1, E + 1):
+    removed = torch.zeros(E, dtype=torch.bool)
+    found: list[list[int]] = []
+    for rnd in range(1, 16 * E + 1):
         cand, arg = (dist[:, None] + W).min(0)
         changed = cand < dist - tol
         if not bool(changed.any()):
-            return []
+            return found, dist, True
         dist = torch.where(changed, cand, dist)
         pred = torch.where(changed, arg, pred)
-        if rnd % 4 == 0 or rnd == E:
+        if rnd % 4 == 0:
             cycles = _predecessor_cycles(pred.tolist(), W_l, tol)
             if cycles:
-                return cycles
-    return []
+                found += cycles
+                used = torch.tensor([v for cyc in cycles for v in cyc])
+                W[used, :] = float("inf")
+                W[:, used] = float("inf")
+                removed[used] = True
+                pred = torch.where(removed[pred.clamp_min(0)] | removed, -1, pred)
+    return found, dist, False
 
 
 def _predecessor_cycles(pred: list[int], W: list[list[float]], tol: float) -> list[list[int]]:
@@ -349,16 +353,25 @@ def balanced_assignment(
     c_max = max(cap_l)
     price_E = torch.where(cap > 0, 0.0, float("inf")).to(torch.float64)
     price_E = _equalizing_prices(a, cap, price_E, price_steps, price_damping, c_max)
-    expert_T, rounds = _auction(a, cap, price_E, eps, max_rounds, c_max)
+    expert_T, price_E, rounds = _auction(a, cap, price_E, eps, max_rounds, c_max)
 
     tol = 1e-9
     max_repairs = 10 * E if max_repairs is None else max_repairs
     repairs, searches, optimal = 0, 0, False
+    # minus the prices is an almost feasible potential: a warm start for the cycle search
+    dist = torch.where(cap > 0, -price_E, 0.0).cpu()
     while True:
         searches += 1
-        cycles = _negative_cycles(_move_costs(a, expert_T, E), tol)
+        cycles, dist, settled = _negative_cycles(_move_costs(a, expert_T, E), tol, dist)
         if not cycles:
-            optimal = True
+            optimal = settled
+            if not settled:
+                warnings.warn(
+                    "balanced_assignment: the cycle search did not settle; the assignment is "
+                    "feasible but not certified optimal",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             break
         if repairs >= max_repairs:
             warnings.warn(
