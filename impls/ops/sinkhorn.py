@@ -49,8 +49,8 @@ the selection is needed, as S-BASE does).
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -60,28 +60,65 @@ _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _EXP_FLOOR = {torch.float32: -25.0, torch.float64: -200.0}
 
 
-@dataclass(frozen=True, eq=False)
 class SinkhornResult:
     """Output of ``sinkhorn()``.
 
+    The plan, its log and the potentials are computed on first access from the solver's final
+    state (log potentials, or in the scaling form the scalings ``u``, ``v`` and the kernel
+    ``K``), so a router that reads only ``plan`` pays for nothing else.
+
     Attributes:
-        log_plan: ``[..., T, E]`` log of the transport plan (``-inf`` where no mass goes).
-        f: ``[..., T]`` row log-scalings (dual potential of the tokens, divided by ε).
-        g: ``[..., E]`` column log-scalings (dual potential of the experts, divided by ε).
-        iterations: long scalar tensor, iterations run (at most ``max_iters``).
+        iterations: long scalar tensor on the CPU (the count is known on the host), iterations
+            run (at most ``max_iters``).
         marginal_error: ``[...]`` largest relative column-marginal deviation of ``plan``.
     """
 
-    log_plan: torch.Tensor
-    f: torch.Tensor
-    g: torch.Tensor
-    iterations: torch.Tensor
-    marginal_error: torch.Tensor
+    def __init__(
+        self,
+        L: torch.Tensor,
+        row_shift: torch.Tensor,
+        col_shift: torch.Tensor,
+        iterations: int,
+        marginal_error: torch.Tensor,
+        *,
+        log_potentials: tuple[torch.Tensor, torch.Tensor] | None = None,
+        scalings: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None,
+    ) -> None:
+        self._L, self._row_shift, self._col_shift = L, row_shift, col_shift
+        self._log_potentials, self._scalings = log_potentials, scalings
+        self.iterations = torch.tensor(iterations)
+        self.marginal_error = marginal_error
 
-    @property
+    @functools.cached_property
+    def _shifted_potentials(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._log_potentials is not None:
+            return self._log_potentials
+        u, v, _, positive = self._scalings
+        return (u.log(), v.log()) if positive else (_safe_log(u), _safe_log(v))
+
+    @functools.cached_property
     def plan(self) -> torch.Tensor:
-        """``[..., T, E]`` the transport plan ``exp(log_plan)``."""
+        """``[..., T, E]`` the transport plan."""
+        if self._scalings is not None:
+            u, v, K, _ = self._scalings
+            return u.unsqueeze(-1) * K * v.unsqueeze(-2)
         return self.log_plan.exp()
+
+    @functools.cached_property
+    def log_plan(self) -> torch.Tensor:
+        """``[..., T, E]`` log of the transport plan (``-inf`` where no mass goes)."""
+        f, g = self._shifted_potentials
+        return self._L + f.unsqueeze(-1) + g.unsqueeze(-2)
+
+    @functools.cached_property
+    def f(self) -> torch.Tensor:
+        """``[..., T]`` row log-scalings (dual potential of the tokens, divided by ε)."""
+        return self._shifted_potentials[0] - self._row_shift.squeeze(-1)
+
+    @functools.cached_property
+    def g(self) -> torch.Tensor:
+        """``[..., E]`` column log-scalings (dual potential of the experts, divided by ε)."""
+        return self._shifted_potentials[1] - self._col_shift.squeeze(-2)
 
 
 def _safe_lse(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -139,7 +176,8 @@ def _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every, positive):
     """The same iterations as matrix-vector products on ``K = exp(L)``: ``u = e^f``, ``v = e^g``.
 
     ``positive``: every row and column marginal is known to be > 0 (no padding, default
-    marginals), so ``u`` and ``v`` stay positive and need no guarded logarithm.
+    marginals), so ``u`` and ``v`` stay positive and need no guarded logarithm; ``r`` and ``c``
+    are then plain numbers (1 and ``T / E``), which saves creating them on the device.
     """
     K = L.exp()
     if row_mask is not None:
@@ -147,14 +185,29 @@ def _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every, positive):
     tiny = torch.finfo(L.dtype).tiny
     if K.dim() == 2:  # one problem: fused ``tiny + K^T u`` and ``tiny + K v`` (2 kernels a half-step)
         KT = K.t()
-        tiny_E = torch.full_like(c, tiny)
-        tiny_T = torch.full_like(r, tiny)
+        tiny_E = tiny_T = K.new_full((1,), tiny)  # broadcast by addmv
+        if positive:  # v = c / (K^T u) as 1 / (K^T u / c): the constant rides in addmv's alpha
+            c_inv = 1.0 / c
 
-        def col_sums(u):
-            return torch.addmv(tiny_E, KT, u)
+            def col_sums(u):
+                return torch.addmv(tiny_E, KT, u, alpha=c_inv)
 
-        def row_sums(v):
-            return torch.addmv(tiny_T, K, v)
+            def row_sums(v):
+                return torch.addmv(tiny_T, K, v)
+
+            def col_update(u):
+                return torch.reciprocal(col_sums(u))
+
+            def row_update(v):
+                return torch.reciprocal(row_sums(v))
+
+        else:
+
+            def col_sums(u):
+                return torch.addmv(tiny_E, KT, u)
+
+            def row_sums(v):
+                return torch.addmv(tiny_T, K, v)
 
     else:
 
@@ -164,32 +217,38 @@ def _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every, positive):
         def row_sums(v):
             return (K @ v.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
 
-    u = torch.ones_like(r) if positive else (r > 0).to(r.dtype)  # the log domain's start, f = 0
-    v = torch.ones_like(c)
+    if not (positive and K.dim() == 2):
+
+        def col_update(u):
+            return c / col_sums(u)
+
+        def row_update(v):
+            return r / row_sums(v)
+
+    u = K.new_ones(K.shape[:-1]) if positive else (r > 0).to(r.dtype)  # the log domain's start, f = 0
+    v = None
     err: torch.Tensor | None = None
     iters = 0
 
     def col_error(v_old, v_new):
-        e = (v_old / v_new - 1).abs()
+        e = v_old / v_new - 1
         if not positive:
             e = torch.where(c > 0, e, torch.zeros_like(e))
-        return e.amax(dim=-1)
+        return torch.linalg.vector_norm(e, ord=float("inf"), dim=-1)  # max |.| in one kernel
 
     for it in range(max_iters):
-        v_next = c / col_sums(u)
+        v_next = col_update(u)
         if tol is not None and it > 0 and it % check_every == 0:
             err = col_error(v, v_next)
-            if bool((err < tol).all()):  # host sync, once per check
+            if bool(err < tol if err.dim() == 0 else (err < tol).all()):  # host sync, once per check
                 break
         v = v_next
-        u = r / row_sums(v)
+        u = row_update(v)
         iters = it + 1
         err = None
     if err is None:
-        err = col_error(v, c / col_sums(u))
-    if positive:
-        return u.log(), v.log(), err, iters
-    return _safe_log(u), _safe_log(v), err, iters
+        err = col_error(v, col_update(u))
+    return (u, v, K, positive), err, iters
 
 
 def sinkhorn(
@@ -245,12 +304,21 @@ def sinkhorn(
     # Centre rows, then columns: the shifts only move f and g, and keep float32 potentials small
     # (a dominant expert at +1000 would otherwise leave potentials near 1000, where float32 has
     # only ~1e-4 absolute precision).
-    L = s / epsilon
+    L = s / epsilon if epsilon != 1 else s
     row_max = torch.nan_to_num(L.amax(dim=-1, keepdim=True).detach(), posinf=0.0, neginf=0.0)
     L = L - row_max
     valid = L if row_mask is None else L.masked_fill(~row_mask.unsqueeze(-1), -float("inf"))
     col_max = torch.nan_to_num(valid.amax(dim=-2, keepdim=True).detach(), posinf=0.0, neginf=0.0)
     L = L - col_max
+
+    # no padding and default marginals: every token sends 1 and every expert receives T / E
+    positive = row_mask is None and row_marginal is None and col_marginal is None
+    use_exp = domain == "exp" or (
+        domain == "auto" and tol is not None and _exp_domain_is_safe(L, row_mask, compute_dtype)
+    )
+    if use_exp and positive:
+        scalings, err, iters = _iterate_exp(L, 1.0, T / E, None, max_iters, tol, check_every, True)
+        return SinkhornResult(L, row_max, col_max, iters, err.detach(), scalings=scalings)
 
     if row_marginal is None:
         r = scores.new_ones((*batch, T), dtype=compute_dtype)
@@ -258,26 +326,14 @@ def sinkhorn(
         r = row_marginal.to(compute_dtype).expand(*batch, T)
     if row_mask is not None:
         r = torch.where(row_mask, r, torch.zeros_like(r))
-    if col_marginal is None and row_marginal is None and row_mask is None:
+    if positive:
         c = scores.new_full((*batch, E), T / E, dtype=compute_dtype)
     elif col_marginal is None:
         c = (r.sum(-1, keepdim=True) / E).expand(*batch, E)
     else:
         c = col_marginal.to(compute_dtype).expand(*batch, E)
-
-    use_exp = domain == "exp" or (
-        domain == "auto" and tol is not None and _exp_domain_is_safe(L, row_mask, compute_dtype)
-    )
     if use_exp:
-        positive = row_mask is None and row_marginal is None and col_marginal is None
-        f, g, err, iters = _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every, positive)
-    else:
-        f, g, err, iters = _iterate_log(L, r.log(), c.log(), max_iters, tol, check_every)
-    log_plan = L + f.unsqueeze(-1) + g.unsqueeze(-2)
-    return SinkhornResult(
-        log_plan=log_plan,
-        f=f - row_max.squeeze(-1),
-        g=g - col_max.squeeze(-2),
-        iterations=torch.tensor(iters, device=scores.device),
-        marginal_error=err.detach(),
-    )
+        scalings, err, iters = _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every, False)
+        return SinkhornResult(L, row_max, col_max, iters, err.detach(), scalings=scalings)
+    f, g, err, iters = _iterate_log(L, r.log(), c.log(), max_iters, tol, check_every)
+    return SinkhornResult(L, row_max, col_max, iters, err.detach(), log_potentials=(f, g))

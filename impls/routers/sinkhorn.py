@@ -31,8 +31,9 @@ come from**:
   renormalized over $k$ when $k > 1$.
 
 None of them adds an auxiliary loss (`plan.losses` is empty). The plan's `info` carries
-`sinkhorn_iterations` and `sinkhorn_marginal_error` (tensors; the largest relative deviation of
-an expert's received mass from its share) and `sinkhorn_used`.
+`sinkhorn_iterations` (a CPU tensor: the count is known on the host), `sinkhorn_marginal_error`
+(a tensor on the routing device: the largest relative deviation of an expert's received mass
+from its share) and `sinkhorn_used` (a bool).
 
 **Host syncs.** With `sinkhorn_tol` set, the solver first checks (one device-to-host sync)
 whether the shifted logits allow its fast scaling form (matrix-vector products on
@@ -228,11 +229,11 @@ class _TransportRouter(Router):
         return "at_most_one" if gate in ("plan", "softmax") else None
 
     @staticmethod
-    def sinkhorn_info(res: SinkhornResult | None, device: torch.device) -> dict[str, Any]:
+    def sinkhorn_info(res: SinkhornResult | None) -> dict[str, Any]:
         if res is None:
-            return {"sinkhorn_used": torch.tensor(False, device=device)}
+            return {"sinkhorn_used": False}
         return {
-            "sinkhorn_used": torch.tensor(True, device=device),
+            "sinkhorn_used": True,
             "sinkhorn_iterations": res.iterations,
             "sinkhorn_marginal_error": res.marginal_error,
         }
@@ -307,7 +308,7 @@ class SinkhornOTRouter(_TransportRouter):
             gate = logits_TE.softmax(-1)
         else:
             gate = logits_TE.sigmoid()
-        info = self.sinkhorn_info(res, logits_TE.device)
+        info = self.sinkhorn_info(res)
         return self.make_plan(plan_TE, gate, logits_TE, token_mask_T, self.renormalize(), info)
 
 
@@ -361,7 +362,7 @@ class SBaseRouter(_TransportRouter):
             return self.make_plan(gate, gate, logits_TE, token_mask_T, self.renormalize(), {})
         with torch.no_grad():  # selection only
             res = self.solve(logits_TE, token_mask_T)
-        info = self.sinkhorn_info(res, logits_TE.device)
+        info = self.sinkhorn_info(res)
         return self.make_plan(res.plan, gate, logits_TE, token_mask_T, self.renormalize(), info)
 
 
@@ -438,7 +439,7 @@ class SelectiveSinkhornRouter(_TransportRouter):
             self.step += 1
             if use:
                 res = self.solve(logits_TE, token_mask_T)
-        info = self.sinkhorn_info(res, logits_TE.device)
+        info = self.sinkhorn_info(res)
         if res is None:
             probs = logits_TE.softmax(-1)
             return self.make_plan(probs, probs, logits_TE, token_mask_T, self.renormalize(), info)
