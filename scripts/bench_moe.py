@@ -7,6 +7,9 @@ a training step (forward + backward with a dense upstream gradient) of
 * ``moe``: ``impls.MoELayer`` (router, sort-based dispatch, grouped matmul, combine,
   auxiliary loss),
 * ``loop``: ``impls.oracle.moe_loop_reference()`` on the same layer (the naive per-expert loop),
+* with ``--gemm-floors``, the expert matmuls alone on tokens already grouped by expert, as the
+  layer runs them and as the loop runs them: the floor under each method, and so a bound on the
+  loop/moe speed-up that any dispatch could reach at this shape,
 
 interleaved repeat by repeat (so drifting clocks hit all three alike; each sample is one step
 between two device syncs, or ``--steps-per-sample`` steps back to back as in a training loop) and
@@ -17,6 +20,7 @@ every router alone (forward, and forward + backward).
 Examples::
 
     python scripts/bench_moe.py                                   # CPU fp32 targets shape
+    python scripts/bench_moe.py --gemm-floors --routers ''        # how much is left to win
     python scripts/bench_moe.py --device cuda --dtype bfloat16 --tokens 16384 --d-model 2048 --d-hidden 8192
     python scripts/bench_moe.py --device cuda --dtype bfloat16 --tokens 16384 --d-model 2048 \
         --d-hidden 1024 --experts 64 --k 16          # fine-grained: same active FLOPs as E=8, k=2
@@ -43,6 +47,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import impls
+from impls.layer import make_dispatch, permute
 from impls.oracle import moe_loop_reference
 
 log = logging.getLogger("bench_moe")
@@ -78,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(hides kernel-launch latency behind queued GPU work; the time reported is per step)",
     )
     p.add_argument("--no-loop", action="store_true", help="skip the naive loop (slow on big shapes)")
+    p.add_argument(
+        "--gemm-floors",
+        action="store_true",
+        help="also time the expert matmuls alone, on tokens already grouped by expert, as the layer "
+        "runs them ('experts only') and as the loop runs them ('loop experts only'): no router, "
+        "no gather, no combine. Neither method can beat its own floor, so loop / 'experts only' "
+        "bounds the loop/moe speed-up any dispatch could reach at this shape",
+    )
     p.add_argument(
         "--routers",
         nargs="*",
@@ -243,6 +256,38 @@ def make_steps(layer, dense, x, g, coefs):
     return {"dense": dense_step, "moe": moe_step, "loop": loop_step}
 
 
+def make_gemm_floor_steps(layer, x, g):
+    """The expert matmuls of one step with everything around them taken away.
+
+    The tokens are routed and grouped by expert once, outside the timed step; the steps run the
+    layer's grouped experts (``experts only``) or the loop's per-expert matmuls (``loop experts
+    only``) forward and backward, with the matching slice of the upstream gradient.
+    """
+    with torch.no_grad():
+        plan = layer.route(x)
+        d = make_dispatch(plan)
+        xp = permute(x.to(layer.experts.w_in_EDF.dtype), d)
+    xp.requires_grad_(True)
+    gp = permute(g, d)
+    counts = d.counts_E.tolist()
+    rows = sum(counts)
+    parts = [t.detach().requires_grad_(True) for t in xp[:rows].split(counts)]
+    gparts = gp[:rows].split(counts)
+
+    def grouped_step(saved: SavedBytes | None = None) -> None:
+        with saved.hooks() if saved else contextlib.nullcontext():
+            y = layer.experts(xp, d, layer.expert_impl)
+        y[:rows].backward(gp[:rows])
+
+    def loop_gemm_step(saved: SavedBytes | None = None) -> None:
+        with saved.hooks() if saved else contextlib.nullcontext():
+            ys = [layer.experts.expert_forward(e, xe) for e, xe in enumerate(parts) if xe.numel()]
+        gs = [ge for ge, xe in zip(gparts, parts, strict=True) if xe.numel()]
+        torch.autograd.backward(ys, gs)
+
+    return {"experts only": grouped_step, "loop experts only": loop_gemm_step}
+
+
 def zero_grads(*modules_and_tensors) -> None:
     for m in modules_and_tensors:
         if isinstance(m, torch.Tensor):
@@ -257,6 +302,8 @@ def bench_layer(args, device, dtype) -> dict[str, dict[str, float | None]]:
     steps = make_steps(layer, dense, x, g, coefs)
     if args.no_loop:
         steps.pop("loop")
+    if args.gemm_floors:
+        steps.update(make_gemm_floor_steps(layer, x.detach(), g))
     for impl in args.extra_impls:
         steps[f"moe[{impl}]"] = _moe_step_with_impl(layer, x, g, coefs, impl)
     log.info("layer: %s", layer.extra_repr())
@@ -416,6 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "loop" in res:
         print(f"loop/moe speed-up = {res['loop']['median_s'] / moe_t:.2f}x (ratio of medians)")
+    if "experts only" in res:
+        floor = res["experts only"]["median_s"]
+        print(f"moe / its expert matmuls alone = {moe_t / floor:.3f}")
+        if "loop" in res:
+            print(
+                f"loop / the layer's expert matmuls alone = {res['loop']['median_s'] / floor:.2f}x: "
+                "no dispatch can make the loop/moe speed-up larger at this shape"
+            )
     rows = bench_routers(args, device)
     if rows:
         T = args.router_tokens or args.tokens
