@@ -190,6 +190,24 @@ def test_without_repairs_the_result_is_feasible_but_not_certified():
     assert torch.equal(torch.bincount(res.expert_T, minlength=6), balanced_capacities(60, 6))
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_random_capacities_with_empty_experts_reach_the_scipy_optimum(seed):
+    g = _gen(1000 + seed)
+    T = int(torch.randint(2, 41, (1,), generator=g))
+    E = int(torch.randint(2, 9, (1,), generator=g))
+    # random capacities summing to T, some of them zero
+    cuts = torch.sort(torch.randint(0, T + 1, (E - 1,), generator=g)).values
+    cap = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]))
+    a = torch.randn(T, E, generator=g)
+    if seed % 2:
+        a = (a * 2).round()  # ties
+    res = balanced_assignment(a, cap)
+    assert res.optimal
+    assert torch.equal(torch.bincount(res.expert_T, minlength=E), cap)
+    best = _scipy_optimum(a.double().numpy(), cap.numpy())
+    assert math.isclose(_total(a, res.expert_T), best, rel_tol=1e-9, abs_tol=1e-9)
+
+
 def test_explicit_capacities_and_masked_tokens():
     a = torch.randn(12, 3, generator=_gen(3))
     mask = torch.tensor([True] * 9 + [False] * 3)

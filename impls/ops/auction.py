@@ -278,7 +278,8 @@ def _cancel(a: torch.Tensor, expert_T: torch.Tensor, cycles: list[list[int]], to
     src = [e for cyc in cycles for e in cyc]
     dst = [f for cyc in cycles for f in cyc[1:] + cyc[:1]]
     cyc_id = [i for i, cyc in enumerate(cycles) for _ in cyc]
-    src_L, dst_L, cyc_L = (torch.tensor(x, dtype=torch.long, device=dev) for x in (src, dst, cyc_id))
+    # one host-to-device copy (a copy from pageable memory waits for the stream)
+    src_L, dst_L, cyc_L = torch.tensor([src, dst, cyc_id], dtype=torch.long).to(dev)
     T = a.shape[0]
     m = min(_BULK, T)
     own = a.gather(1, expert_T[:, None])
