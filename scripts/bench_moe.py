@@ -21,6 +21,7 @@ Examples::
 
     python scripts/bench_moe.py                                   # CPU fp32 targets shape
     python scripts/bench_moe.py --gemm-floors --routers ''        # how much is left to win
+    python scripts/bench_moe.py --device cuda --dtype bfloat16 --profile 25 --routers ''  # op by op
     python scripts/bench_moe.py --device cuda --dtype bfloat16 --tokens 16384 --d-model 2048 --d-hidden 8192
     python scripts/bench_moe.py --device cuda --dtype bfloat16 --tokens 16384 --d-model 2048 \
         --d-hidden 1024 --experts 64 --k 16          # fine-grained: same active FLOPs as E=8, k=2
@@ -90,6 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "runs them ('experts only') and as the loop runs them ('loop experts only'): no router, "
         "no gather, no combine. Neither method can beat its own floor, so loop / 'experts only' "
         "bounds the loop/moe speed-up any dispatch could reach at this shape",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="after timing, profile one sample of the moe and dense steps with torch.profiler and "
+        "print their ROWS most expensive ops (device time on GPU, CPU time on CPU)",
     )
     p.add_argument(
         "--routers",
@@ -339,6 +348,29 @@ def bench_layer(args, device, dtype) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def profile_steps(args, device, dtype) -> None:
+    """Print where a moe step and a dense step spend their time, op by op (``--profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer, dense, x, g, coefs = build(args, device, dtype)
+    layer.train()
+    steps = make_steps(layer, dense, x, g, coefs)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name in ("moe", "dense"):
+        for _ in range(max(args.warmup, 1)):
+            steps[name]()
+        zero_grads(layer, dense, x)
+        sync(device)
+        with profile(activities=activities) as prof:
+            _steps(steps[name], args.steps_per_sample)
+            sync(device)
+        zero_grads(layer, dense, x)
+        events = prof.key_averages()
+        print(f"\n## Profile: {name} step ({args.steps_per_sample} step(s), {len(events)} distinct ops)\n")
+        print(events.table(sort_by=sort_by, row_limit=args.profile))
+
+
 def _steps(step: Callable[[], None], n: int) -> None:
     for _ in range(n):
         step()  # gradients accumulate across the n steps; the cost of that is the same for every method
@@ -471,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"loop / the layer's expert matmuls alone = {res['loop']['median_s'] / floor:.2f}x: "
                 "no dispatch can make the loop/moe speed-up larger at this shape"
             )
+    if args.profile > 0:
+        profile_steps(args, device, dtype)
     rows = bench_routers(args, device)
     if rows:
         T = args.router_tokens or args.tokens

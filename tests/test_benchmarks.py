@@ -65,7 +65,7 @@ def test_layer_benchmark_reports_ratios_and_the_gemm_floors():
     out = run(
         "bench_moe.py",
         *("--tokens", "128", "--d-model", "32", "--d-hidden", "64", "--experts", "4", "--k", "2"),
-        *("--repeats", "1", "--warmup", "0", "--gemm-floors", "--routers", "topk"),
+        *("--repeats", "1", "--warmup", "0", "--gemm-floors", "--routers", "topk", "--profile", "5"),
     )
     for method in ("dense", "moe", "loop", "experts only", "loop experts only"):
         assert re.search(rf"^\| {re.escape(method)} \| [0-9.]+ \|", out, re.M), method
@@ -73,3 +73,6 @@ def test_layer_benchmark_reports_ratios_and_the_gemm_floors():
     assert re.search(r"^loop/moe speed-up = [0-9.]+x", out, re.M)
     assert re.search(r"^loop / the layer's expert matmuls alone = [0-9.]+x", out, re.M)
     assert re.search(r"^\| topk \| ", out, re.M)
+    for name in ("moe", "dense"):
+        profile = out.split(f"## Profile: {name} step", 1)[1]
+        assert "Self CPU" in profile and "aten::" in profile
