@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import impls
 from impls.ops.sinkhorn import sinkhorn
 
 
@@ -222,3 +223,14 @@ def test_scaling_domain_gradients_pass_gradcheck_and_stay_finite_with_masked_row
     S32 = S.detach().float().requires_grad_()
     sinkhorn(S32, row_mask=mask, max_iters=10, domain="exp").plan.sum().backward()
     assert torch.isfinite(S32.grad).all()
+
+
+@pytest.mark.parametrize("std", [0.1, 1.0, 2.0])
+def test_router_scale_logits_converge_at_the_first_check(std):
+    """The Sinkhorn routers check every 5 iterations because router-scale logits need no more."""
+    router = impls.build_router("s_base", d_model=8, num_experts=64)
+    S = torch.randn(4096, 64, generator=torch.Generator().manual_seed(3)) * std
+    cfg = router.config
+    res = router.solve(S, None)
+    assert int(res.iterations) == cfg.check_every == 5
+    assert float(res.marginal_error) < cfg.sinkhorn_tol
