@@ -67,7 +67,6 @@ class AssignmentResult:
         rounds: forward-auction rounds run.
         repairs: negative cycles cancelled by the exact repair.
         optimal: True when the repair certified optimality (no negative cycle left).
-        price_steps: reverse-auction price steps run.
         searches: negative-cycle searches of the repair (each one device-to-host copy), the
             last one being the search that certified optimality.
     """
@@ -76,7 +75,6 @@ class AssignmentResult:
     rounds: int
     repairs: int
     optimal: bool
-    price_steps: int = 0
     searches: int = 0
 
 
@@ -332,8 +330,8 @@ def balanced_assignment(
     a_all = scores_TE.detach().to(torch.float64)
     if bool(torch.isnan(a_all).any()):
         raise ValueError("balanced_assignment: scores_TE contains NaN")
-    keep = torch.arange(T_all, device=dev) if token_mask_T is None else token_mask_T.nonzero().squeeze(1)
-    a = a_all[keep]
+    keep = None if token_mask_T is None else token_mask_T.nonzero().squeeze(1)
+    a = a_all if keep is None else a_all[keep]
     T = a.shape[0]
     cap = balanced_capacities(T, E, dev) if capacities_E is None else capacities_E.to(dev, torch.long)
     cap_l = cap.tolist() if cap.shape == (E,) else [-1]
@@ -343,7 +341,7 @@ def balanced_assignment(
     if T == 0:
         return AssignmentResult(out, 0, 0, True)
     if sum(c > 0 for c in cap_l) == 1:
-        out[keep] = cap_l.index(T)
+        out[slice(None) if keep is None else keep] = cap_l.index(T)
         return AssignmentResult(out, 0, 0, True)
     finite = torch.isfinite(a)
     lo = torch.where(finite, a, float("inf")).amin().clamp_max(0.0)
@@ -358,32 +356,28 @@ def balanced_assignment(
 
     tol = 1e-9
     max_repairs = 10 * E if max_repairs is None else max_repairs
-    repairs, searches, optimal = 0, 0, False
+    repairs, searches, optimal, why = 0, 0, False, ""
     # minus the prices is an almost feasible potential: a warm start for the cycle search
     dist = torch.where(cap > 0, -price_E, 0.0).cpu()
     while True:
         searches += 1
         cycles, dist, settled = _negative_cycles(_move_costs(a, expert_T, E), tol, dist)
         if not cycles:
-            optimal = settled
-            if not settled:
-                warnings.warn(
-                    "balanced_assignment: the cycle search did not settle; the assignment is "
-                    "feasible but not certified optimal",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            optimal, why = settled, "the cycle search did not settle"
             break
         if repairs >= max_repairs:
-            warnings.warn(
-                f"balanced_assignment: stopped after {repairs} repairs; the assignment is feasible "
-                "but not certified optimal",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            why = f"stopped after {repairs} repairs"
             break
         cycles = cycles[: max_repairs - repairs]
         expert_T = _cancel(a, expert_T, cycles, tol)
         repairs += len(cycles)
+    if not optimal:
+        warnings.warn(
+            f"balanced_assignment: {why}; the assignment is feasible but not certified optimal",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if keep is None:
+        return AssignmentResult(expert_T, rounds, repairs, optimal, searches)
     out[keep] = expert_T
-    return AssignmentResult(out, rounds, repairs, optimal, price_steps, searches)
+    return AssignmentResult(out, rounds, repairs, optimal, searches)

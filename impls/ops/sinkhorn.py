@@ -183,31 +183,19 @@ def _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every, positive):
     if row_mask is not None:
         K = torch.where(row_mask.unsqueeze(-1), K, torch.zeros_like(K))  # padding: no mass, no overflow
     tiny = torch.finfo(L.dtype).tiny
+    # no padding, default marginals, one problem: v = c / (K^T u) is computed as 1 / (K^T u / c),
+    # the constant riding in addmv's alpha, and u = 1 / (K v)
+    scaled = positive and K.dim() == 2
     if K.dim() == 2:  # one problem: fused ``tiny + K^T u`` and ``tiny + K v`` (2 kernels a half-step)
         KT = K.t()
-        tiny_E = tiny_T = K.new_full((1,), tiny)  # broadcast by addmv
-        if positive:  # v = c / (K^T u) as 1 / (K^T u / c): the constant rides in addmv's alpha
-            c_inv = 1.0 / c
+        tiny_1 = K.new_full((1,), tiny)  # broadcast by addmv
+        col_scale = 1.0 / c if scaled else 1.0
 
-            def col_sums(u):
-                return torch.addmv(tiny_E, KT, u, alpha=c_inv)
+        def col_sums(u):
+            return torch.addmv(tiny_1, KT, u, alpha=col_scale)
 
-            def row_sums(v):
-                return torch.addmv(tiny_T, K, v)
-
-            def col_update(u):
-                return torch.reciprocal(col_sums(u))
-
-            def row_update(v):
-                return torch.reciprocal(row_sums(v))
-
-        else:
-
-            def col_sums(u):
-                return torch.addmv(tiny_E, KT, u)
-
-            def row_sums(v):
-                return torch.addmv(tiny_T, K, v)
+        def row_sums(v):
+            return torch.addmv(tiny_1, K, v)
 
     else:
 
@@ -217,13 +205,11 @@ def _iterate_exp(L, r, c, row_mask, max_iters, tol, check_every, positive):
         def row_sums(v):
             return (K @ v.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
 
-    if not (positive and K.dim() == 2):
+    def col_update(u):
+        return col_sums(u).reciprocal() if scaled else c / col_sums(u)
 
-        def col_update(u):
-            return c / col_sums(u)
-
-        def row_update(v):
-            return r / row_sums(v)
+    def row_update(v):
+        return row_sums(v).reciprocal() if scaled else r / row_sums(v)
 
     u = K.new_ones(K.shape[:-1]) if positive else (r > 0).to(r.dtype)  # the log domain's start, f = 0
     v = None
