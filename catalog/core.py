@@ -129,8 +129,13 @@ def check(
     fetched: dict[Path, FetchedRecord],
     taxonomy_path: Path,
     check_imports: bool = False,
+    check_placements: bool = True,
 ) -> list[Problem]:
-    """Cross-record checks: identity, tree shape, placements, fetched records, implementation links."""
+    """Cross-record checks: identity, tree shape, placements, fetched records, implementation links.
+
+    ``check_placements=False`` (a taxonomy that did not load) skips the tree and placement checks,
+    which would only repeat that one problem many times.
+    """
     problems: list[Problem] = []
     ids: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -138,7 +143,7 @@ def check(
             problems.append(Problem(taxonomy_path, f"duplicate node id {n.id!r}", field=f"nodes.{i}.id"))
         ids[n.id] = i
     roots = [n for n in nodes if n.parent is None]
-    if len(roots) != 1:
+    if len(roots) != 1 and check_placements:
         problems.append(Problem(taxonomy_path, f"expected exactly one root node, found {len(roots)}"))
     parent = {n.id: n.parent for n in nodes}
     for n in nodes:
@@ -195,7 +200,7 @@ def check(
                 problems.append(Problem(path, f"{key!r} is also used by {table[key].name}", field=fname))
             else:
                 table[key] = path
-        for j, node in enumerate(w.placements):
+        for j, node in enumerate(w.placements if check_placements else ()):
             if node not in parent:
                 problems.append(Problem(path, f"unknown taxonomy node {node!r}", field=f"placements.{j}"))
         if check_imports:
@@ -203,7 +208,18 @@ def check(
                 err = import_error(ref)
                 if err:
                     problems.append(Problem(path, err, field=f"implementations.{j}"))
+    owner_of_id = {w.ids.openalex: w.slug for w in works.values() if w.ids.openalex}
     for path, rec in fetched.items():
+        owner = owner_of_id.setdefault(rec.openalex_id, rec.slug)
+        if owner != rec.slug:
+            problems.append(
+                Problem(
+                    path,
+                    f"OpenAlex id {rec.openalex_id} is also the id of work {owner!r}: two works resolve "
+                    "to one OpenAlex record (a duplicate work, or a wrong id)",
+                    field="openalex_id",
+                )
+            )
         if rec.slug not in seen_slug:
             problems.append(Problem(path, f"fetched record for unknown work {rec.slug!r}", field="slug"))
         for j, s in enumerate(rec.referenced_in_catalog):
@@ -231,9 +247,18 @@ def collect(
     data_dir = Path(data_dir) if data_dir is not None else DATA_DIR
     problems: list[Problem] = []
     nodes = read_taxonomy(data_dir, problems)
+    # A broken taxonomy is reported once: the works' placements are not checked against it.
+    taxonomy_ok = not problems
     works = read_works(data_dir, problems)
     fetched = read_fetched(data_dir, problems)
-    cross = check(nodes, works, fetched, data_dir / "taxonomy.yaml", check_imports=check_imports)
+    cross = check(
+        nodes,
+        works,
+        fetched,
+        data_dir / "taxonomy.yaml",
+        check_imports=check_imports,
+        check_placements=taxonomy_ok,
+    )
     problems += [locate(p) for p in cross]
     if problems:
         return None, problems

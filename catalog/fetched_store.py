@@ -54,18 +54,37 @@ def same_content(a: FetchedRecord, b: FetchedRecord) -> bool:
     return a.model_dump(exclude={"fetched_at"}) == b.model_dump(exclude={"fetched_at"})
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+NEW_FILE_MODE = 0o644
+"""Permission bits of a new record (less the process umask); a replaced file keeps its own."""
+
+
 def write_atomic(path: Path, text: str, *, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``text`` so that readers see either the old or the new file, never a mix.
 
-    With ``sync_dir=False`` the caller fsyncs the directory itself (``fsync_dir()``) after a
-    group of writes, which makes the renames durable at a fraction of the cost.
+    The new file gets the permission bits of the file it replaces, or ``NEW_FILE_MODE`` less the
+    umask (``0644``) when there was none. Text that is not encodable as UTF-8 (a lone surrogate)
+    raises ``UnicodeEncodeError`` before anything is written. With ``sync_dir=False`` the caller
+    fsyncs the directory itself (``fsync_dir()``) after a group of writes, which makes the renames
+    durable at a fraction of the cost.
     """
     path = Path(path)
+    data = text.encode("utf-8")
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = NEW_FILE_MODE & ~_current_umask()
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -46,12 +46,38 @@ class _Loader(_BaseLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; ``TextFileError`` says why not, with the line of a bad byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TextFileError(f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        bad = data[exc.start : exc.start + 1].hex()
+        raise TextFileError(
+            f"not UTF-8 text: byte 0x{bad} at line {line}, column {column} (save the file as UTF-8)",
+            line=line,
+        ) from None
+
+
+class TextFileError(Exception):
+    """A file that cannot be read as UTF-8 text; ``line`` is set for a bad byte."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
+
+
 def _read_yaml(path: Path, problems: list[Problem]) -> tuple[Any, str]:
     """Parsed document and source text; the document is ``None`` after a reported problem."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(Problem(path, f"cannot read file: {getattr(exc, 'strerror', None) or exc}"))
+        text = read_text(path)
+    except TextFileError as exc:
+        problems.append(Problem(path, str(exc), line=exc.line))
         return None, ""
     try:
         raw = yaml.load(text, Loader=_Loader)
@@ -148,9 +174,25 @@ def read_taxonomy(data_dir: Path, problems: list[Problem]) -> list[TaxonomyNode]
     return nodes
 
 
+WORK_SUFFIX = ".yaml"
+
+
 def read_works(data_dir: Path, problems: list[Problem]) -> dict[Path, Work]:
     works = {}
-    for path in sorted((data_dir / "works").glob("*.yaml")):
+    folder = data_dir / "works"
+    try:
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    except OSError as exc:
+        problems.append(Problem(folder, f"cannot list the folder: {exc.strerror or exc}"))
+        entries = []
+    for path in entries:
+        if path.name.startswith(".") or path.suffix == WORK_SUFFIX:
+            continue
+        hint = f"rename it to {path.stem}{WORK_SUFFIX}" if path.suffix == ".yml" else "move it elsewhere"
+        problems.append(
+            Problem(path, f"not a work file: works/ holds only <slug>{WORK_SUFFIX} files ({hint})")
+        )
+    for path in (p for p in entries if p.suffix == WORK_SUFFIX and not p.name.startswith(".")):
         raw, text = _read_yaml(path, problems)
         if raw is None:
             continue
@@ -174,7 +216,10 @@ def read_fetched(data_dir: Path, problems: list[Problem]) -> dict[Path, FetchedR
     records = {}
     for path in sorted((data_dir / "fetched").glob("*.json")):
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(read_text(path))
+        except TextFileError as exc:
+            problems.append(Problem(path, str(exc), line=exc.line))
+            continue
         except json.JSONDecodeError as exc:
             problems.append(Problem(path, f"malformed JSON: {exc.msg}", line=exc.lineno))
             continue

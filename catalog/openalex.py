@@ -18,11 +18,16 @@ and ``OPENALEX_URL``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import random
+import re
+import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,6 +37,9 @@ import pyalex
 import requests
 from pyalex import Works
 from pyalex.api import OpenAlexAuth
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from catalog.openalex_payload import PayloadError, WorkPayload, parse_work, work_id_of
 
@@ -88,6 +96,14 @@ class BudgetExhausted(StopRun):
 
 class KeyRejected(StopRun):
     pass
+
+
+class GaveUp(StopRun):
+    """Several requests in a row failed for good (throttled, server errors, broken answers)."""
+
+
+class WaitTooLong(StopRun):
+    """OpenAlex asked to wait longer (``Retry-After``) than the configured maximum."""
 
 
 class RequestFailed(OpenAlexError):
@@ -159,14 +175,16 @@ class Backoff:
     base: float = 1.0
     cap: float = 60.0
     jitter: float = 0.25
-    max_retry_after: float = 600.0
-    """A ``Retry-After`` longer than this (seconds) means the daily budget is spent: stop."""
+    max_retry_after: float = 300.0
+    """Longest ``Retry-After`` (seconds) the client sleeps through; a longer one stops the run."""
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ConfigError(f"Backoff.attempts must be at least 1, got {self.attempts}")
         if self.base < 0 or self.cap < 0 or not 0 <= self.jitter <= 1:
             raise ConfigError(f"bad backoff settings: base={self.base}, cap={self.cap}, jitter={self.jitter}")
+        if self.max_retry_after < 0:
+            raise ConfigError(f"max_retry_after must be >= 0 seconds, got {self.max_retry_after}")
 
     def delay(self, retry: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``retry`` (0-based)."""
@@ -180,14 +198,19 @@ class Settings:
     api_key: str | None = field(default=None, repr=False)
     email: str | None = None
     timeout: float = 30.0
+    """Seconds one request may take from connecting to the last byte of its body."""
     backoff: Backoff = Backoff()
+    give_up_after: int = 3
+    """Requests in a row that fail for good (after their retries) before the whole run stops."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"OPENALEX_URL must be an http(s) URL with a host, got {self.base_url!r}")
-        if self.timeout <= 0:
+        if not self.timeout > 0:
             raise ConfigError(f"timeout must be positive, got {self.timeout}")
+        if self.give_up_after < 1:
+            raise ConfigError(f"give_up_after must be at least 1, got {self.give_up_after}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -232,6 +255,50 @@ class Batch:
     works: dict[str, WorkPayload] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)
     """Work id (or ``#index``) -> why the result could not be read."""
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """A transport adapter that can cut off its open connections, to bound a whole request.
+
+    ``requests`` timeouts bound each socket operation, so a server that drips one byte per
+    second holds a request open forever. ``abort()`` shuts down every socket this adapter
+    opened; the blocked read then fails at once.
+    """
+
+    def __init__(self) -> None:
+        # The sockets themselves: http.client drops a connection's reference to its socket
+        # while the response (reading the body) still uses it.
+        self._live: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        live = self._live
+
+        class Tracked(HTTPConnection):
+            def connect(self) -> None:
+                super().connect()
+                live.add(self.sock)
+
+        class TrackedTLS(HTTPSConnection):
+            def connect(self) -> None:
+                super().connect()
+                live.add(self.sock)
+
+        pools = {
+            "http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": Tracked}),
+            "https": type("TLSPool", (HTTPSConnectionPool,), {"ConnectionCls": TrackedTLS}),
+        }
+        self.poolmanager.pool_classes_by_scheme = pools
+        self.poolmanager.key_fn_by_scheme = dict(self.poolmanager.key_fn_by_scheme)
+
+    def abort(self) -> None:
+        for sock in list(self._live):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+_BUDGET_WORDS = re.compile(r"budget|credit|quota|daily|per day|midnight", re.IGNORECASE)
 
 
 class _RedactSecrets(logging.Filter):
@@ -311,7 +378,12 @@ class OpenAlexClient:
         if settings.api_key:
             _REDACT.secrets.add(settings.api_key)
         self._session = session or requests.Session()
+        self._adapter = _DeadlineAdapter()
+        for prefix in ("http://", "https://"):
+            self._session.mount(prefix, self._adapter)
         self._auth = OpenAlexAuth(pyalex.config)
+        self._failures_in_a_row = 0
+        self._redirected_to: str | None = None
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._key_in_query = False
@@ -337,8 +409,13 @@ class OpenAlexClient:
         except PayloadError as exc:
             raise RequestFailed(f"{self._short(url)}: {exc}") from None
         asked = key.upper() if key[:1] in "Ww" and key[1:].isdigit() else None
-        merged = asked if asked is not None and work.id != asked else None
-        return Lookup(work, merged_from=merged)
+        if asked is None or work.id == asked:
+            return Lookup(work)
+        # Another id: fine after a redirect to exactly that id (OpenAlex merged the work).
+        if self._redirected_to != work.id:
+            where = f"a redirect to {self._redirected_to}" if self._redirected_to else "no redirect"
+            raise RequestFailed(f"asked for {asked}, OpenAlex answered with {work.id} ({where})")
+        return Lookup(work, merged_from=asked)
 
     def get_works(self, ids: Sequence[str]) -> Batch:
         """Up to 100 works by id in one list request (an ``openalex_id`` OR filter)."""
@@ -348,11 +425,15 @@ class OpenAlexClient:
         url = self._with_params(query.url, **{"per-page": MAX_PER_PAGE})
         results = self._results(self._get_json(url, "list"), url)
         batch = Batch()
+        asked = set(ids)
         for i, raw in enumerate(results):
             try:
                 work = parse_work(raw)
             except PayloadError as exc:
                 batch.broken[work_id_of(raw) or f"#{i}"] = str(exc)
+                continue
+            if work.id not in asked:
+                log.warning("ignoring %s in the answer for %d ids: it was not asked for", work.id, len(ids))
                 continue
             batch.works[work.id] = work
         return batch
@@ -424,25 +505,78 @@ class OpenAlexClient:
     def _count(self, kind: str) -> None:
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
 
+    def _send(self, url: str) -> requests.Response:
+        """One GET whose whole exchange, body included, ends within ``settings.timeout``."""
+        timeout = self.settings.timeout
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            self._adapter.abort()
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            resp = self._session.get(
+                self._sendable(url), auth=self._auth, timeout=timeout, allow_redirects=False
+            )
+        except requests.RequestException:
+            if expired.is_set():
+                raise requests.Timeout(f"no complete answer within {timeout:g} s") from None
+            raise
+        finally:
+            timer.cancel()
+        if expired.is_set():  # a body cut off by the deadline may still look complete
+            raise requests.Timeout(f"no complete answer within {timeout:g} s")
+        return resp
+
+    def _failed_for_good(self, message: str) -> RequestFailed:
+        """Count a request that failed after its retries; too many in a row stop the run."""
+        self._failures_in_a_row += 1
+        limit = self.settings.give_up_after
+        if self._failures_in_a_row >= limit:
+            raise GaveUp(
+                f"giving up: {limit} requests in a row failed (last: {message}); "
+                "OpenAlex is not answering usefully, try again later"
+            )
+        return RequestFailed(message)
+
     def _get_json(self, url: str, kind: str, *, missing_ok: bool = False) -> Any:
-        """GET ``url`` with retries, following redirects on the configured host; the decoded JSON."""
+        """GET ``url`` with retries, following redirects on the configured host; the decoded JSON.
+
+        Retried with backoff: HTTP 429/5xx, timeouts (of the whole request), refused or reset
+        connections, bodies cut short or not valid JSON. Stops the run (``StopRun``): a refused
+        or missing key (401, 403), a spent budget, a ``Retry-After`` beyond the maximum, no
+        answer at all after every attempt, and ``give_up_after`` failed requests in a row.
+        """
         backoff = self.settings.backoff
         retry = 0
         redirects = 0
+        answered = False
+        self._redirected_to = None
         while True:
             self._count(kind)
             log.debug("GET %s", self._safe(url))
             failure: str
             wait: float | None = None
             try:
-                resp = self._session.get(
-                    self._sendable(url), auth=self._auth, timeout=self.settings.timeout, allow_redirects=False
-                )
-            except requests.Timeout:
-                failure = f"no answer within {self.settings.timeout:g} s"
+                resp = self._send(url)
+            except requests.Timeout as exc:
+                whole = "complete answer" in str(exc)
+                failure = str(exc) if whole else f"no answer within {self.settings.timeout:g} s"
             except requests.ConnectionError as exc:
                 failure = self._safe(f"connection failed ({_root_cause(exc)})")
+            except (
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as exc:
+                answered = True
+                failure = f"answer cut short or undecodable ({_root_cause(exc)})"
+            except requests.RequestException as exc:
+                failure = self._safe(f"request failed ({type(exc).__name__})")
             else:
+                answered = True
                 self.stats.answered += 1
                 limits = RateLimit.from_headers(resp.headers)
                 if limits is not None:
@@ -450,47 +584,71 @@ class OpenAlexClient:
                 status = resp.status_code
                 if status == 200:
                     try:
-                        return resp.json()
+                        body = resp.json()
                     except ValueError as exc:
-                        raise RequestFailed(f"malformed JSON from {self._short(url)}: {exc}") from None
-                if status in _REDIRECTS and "Location" in resp.headers:
+                        failure = f"malformed JSON ({exc})"
+                    else:
+                        self._failures_in_a_row = 0
+                        return body
+                elif status in _REDIRECTS and "Location" in resp.headers:
                     redirects += 1
                     if redirects > _MAX_REDIRECTS:
-                        raise RequestFailed(f"too many redirects from {self._short(url)}")
+                        raise self._failed_for_good(f"too many redirects from {self._short(url)}")
                     url = self._rebase(urljoin(url, resp.headers["Location"]))
+                    m = re.search(r"/works/(W\d+)$", urlsplit(url).path, re.IGNORECASE)
+                    self._redirected_to = m.group(1).upper() if m else None
                     continue
-                if status == 404 and missing_ok:
+                elif status == 404 and missing_ok:
+                    self._failures_in_a_row = 0
                     return None
-                if status == 401 and self.settings.api_key and not self._key_in_query:
+                elif status == 401 and self.settings.api_key and not self._key_in_query:
                     log.warning("OpenAlex refused the key in the Authorization header; sending it as api_key")
                     self._key_in_query = True
                     continue
-                if status == 401:
-                    raise KeyRejected(
-                        f"OpenAlex rejected the API key (HTTP 401): {self._safe(_error_text(resp))}"
-                    )
-                if status not in RETRY_STATUSES:
+                elif status == 401:
+                    detail = self._safe(_error_text(resp))
+                    if not self.settings.api_key:
+                        raise KeyRejected(
+                            "OpenAlex asks for an API key (HTTP 401) and OPENALEX_API_KEY is not set; "
+                            "get a free key at https://openalex.org/settings/api"
+                        )
+                    raise KeyRejected(f"OpenAlex rejected the API key (HTTP 401): {detail}".rstrip(": "))
+                elif status == 403:
+                    detail = self._safe(_error_text(resp))
+                    key = "the API key" if self.settings.api_key else "requests without an API key"
+                    raise KeyRejected(f"OpenAlex refused {key} (HTTP 403): {detail}".rstrip(": "))
+                elif status not in RETRY_STATUSES:
                     raise RequestFailed(
                         f"HTTP {status} from {self._short(url)}: {self._safe(_error_text(resp))}".rstrip(": ")
                     )
-                wait = _retry_after(resp.headers)
-                if status == 429 and (
-                    (limits is not None and limits.exhausted())
-                    or (wait is not None and wait > backoff.max_retry_after)
-                ):
-                    budget = limits.describe() if limits else "unknown"
-                    later = f"; retry after {wait / 3600:.1f} h" if wait else ""
-                    raise BudgetExhausted(f"OpenAlex daily budget exhausted (remaining {budget}{later})")
-                failure = f"HTTP {status}"
+                else:
+                    wait = _retry_after(resp.headers)
+                    text = _error_text(resp)
+                    if status == 429 and (
+                        (limits is not None and limits.exhausted()) or _BUDGET_WORDS.search(text)
+                    ):
+                        budget = limits.describe() if limits else "unknown"
+                        later = f"; retry after {wait / 3600:.1f} h" if wait else ""
+                        said = f": {self._safe(text)}" if text and _BUDGET_WORDS.search(text) else ""
+                        raise BudgetExhausted(
+                            f"OpenAlex daily budget exhausted (remaining {budget}{later}){said}"
+                        )
+                    if wait is not None and wait > backoff.max_retry_after:
+                        raise WaitTooLong(
+                            f"OpenAlex answered HTTP {status} and asks to wait {wait:.0f} s (Retry-After), "
+                            f"more than the maximum of {backoff.max_retry_after:g} s (--max-wait); "
+                            "run again later"
+                        )
+                    failure = f"HTTP {status}"
             retry += 1
             if retry >= backoff.attempts:
                 where = self._short(url)
-                if failure.startswith("HTTP"):
-                    raise RequestFailed(f"{failure} from {where} after {backoff.attempts} attempts")
-                host = self.settings.base_url
-                raise Unreachable(
-                    f"cannot reach OpenAlex at {host}: {failure} after {backoff.attempts} attempts"
-                )
+                if not answered:
+                    host = self.settings.base_url
+                    raise Unreachable(
+                        f"cannot reach OpenAlex at {host}: {failure} after {backoff.attempts} attempts"
+                    )
+                raise self._failed_for_good(f"{failure} from {where} after {backoff.attempts} attempts")
             delay = wait if wait is not None else backoff.delay(retry - 1, self._rng)
             self.stats.retries += 1
             log.info("%s for %s; retry %d in %.2f s", failure, self._short(url), retry, delay)

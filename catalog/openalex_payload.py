@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 COUNTS_WINDOW_YEARS = 10
 """OpenAlex reports ``counts_by_year`` for the last ten years only."""
+MAX_ABSTRACT_CHARS = 10_000
+"""Longest abstract stored; a longer one is cut at a word boundary and ends with "…"."""
+MAX_TEXT_CHARS = 1_000
+"""Longest title, venue, name or topic stored; a longer one is cut and ends with "…"."""
 
 _OPENALEX_WORK_RE = re.compile(r"^(?:https?://openalex\.org/)?([Ww]\d+)$")
 _OPENALEX_AUTHOR_RE = re.compile(r"^(?:https?://openalex\.org/)?([Aa]\d+)$")
@@ -207,16 +211,32 @@ def _short_work_ids(values: Iterable[str], owner: str) -> list[str]:
     return out
 
 
-def _author(a: PayloadAuthorship) -> Author | None:
+def cap_text(text: str | None, limit: int, owner: str, field: str) -> str | None:
+    """``text`` cut to ``limit`` characters (at a word boundary, with "…"), with a warning when cut."""
+    if text is None or len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    if " " in cut[limit // 2 :]:
+        cut = cut.rsplit(" ", 1)[0]
+    log.warning("work %s: %s has %d characters; storing the first %d", owner, field, len(text), len(cut))
+    return cut + "…"
+
+
+def _author(a: PayloadAuthorship, owner: str) -> Author | None:
     name = (a.author.display_name if a.author else None) or a.raw_author_name
     if not name:
         return None
+    name = cap_text(name, MAX_TEXT_CHARS, owner, "an author name")
     author_id = None
     if a.author and a.author.id:
         m = _OPENALEX_AUTHOR_RE.fullmatch(a.author.id.strip())
         author_id = m.group(1).upper() if m else None
     institutions = [
-        Institution(name=i.display_name, ror=i.ror, country_code=i.country_code)
+        Institution(
+            name=cap_text(i.display_name, MAX_TEXT_CHARS, owner, "an institution name"),
+            ror=i.ror,
+            country_code=i.country_code,
+        )
         for i in a.institutions
         if i.display_name
     ]
@@ -228,14 +248,18 @@ def _author(a: PayloadAuthorship) -> Author | None:
     )
 
 
-def _topic(t: PayloadTopic | None) -> Topic | None:
+def _topic(t: PayloadTopic | None, owner: str) -> Topic | None:
     if t is None or not t.display_name:
         return None
+
+    def name(n: Named | None) -> str | None:
+        return cap_text(n.display_name if n else None, MAX_TEXT_CHARS, owner, "a topic name")
+
     return Topic(
-        name=t.display_name,
-        subfield=t.subfield.display_name if t.subfield else None,
-        field=t.field.display_name if t.field else None,
-        domain=t.domain.display_name if t.domain else None,
+        name=cap_text(t.display_name, MAX_TEXT_CHARS, owner, "the topic"),
+        subfield=name(t.subfield),
+        field=name(t.field),
+        domain=name(t.domain),
     )
 
 
@@ -259,9 +283,10 @@ def to_record(
     """The stored record of ``slug`` built from one OpenAlex payload.
 
     ``catalog_ids`` maps OpenAlex work ids of catalog works to their slugs; it yields
-    ``referenced_in_catalog``. ``fetched_at`` is stored in UTC.
+    ``referenced_in_catalog``. ``fetched_at`` is stored in UTC. Text longer than
+    ``MAX_TEXT_CHARS`` (``MAX_ABSTRACT_CHARS`` for the abstract) is cut, with a warning.
     """
-    title = work.title_text
+    title = cap_text(work.title_text, MAX_TEXT_CHARS, work.id, "the title")
     if not title:
         raise PayloadError(f"{work.id}: no title (display_name and title are both empty)")
     catalog_ids = catalog_ids or {}
@@ -271,6 +296,7 @@ def to_record(
     venue = None
     if loc is not None:
         venue = (loc.source.display_name if loc.source else None) or loc.raw_source_name
+        venue = cap_text(venue, MAX_TEXT_CHARS, work.id, "the venue")
     merged = sorted(set(merged_from) - {work.id})
     fetched_utc = _utc(fetched_at)
     assert fetched_utc is not None
@@ -286,14 +312,18 @@ def to_record(
             publication_year=work.publication_year,
             type=work.type,
             venue=venue,
-            authors=[a for a in map(_author, work.authorships) if a is not None],
+            authors=[a for a in (_author(x, work.id) for x in work.authorships) if a is not None],
             cited_by_count=work.cited_by_count,
             counts_by_year=fill_counts(work.counts_by_year, work.publication_year, fetched_utc.year),
             referenced_works=refs,
             referenced_in_catalog=in_catalog,
-            primary_topic=_topic(work.primary_topic),
-            oa_url=work.open_access.oa_url if work.open_access else None,
-            abstract=rebuild_abstract(work.abstract_inverted_index),
+            primary_topic=_topic(work.primary_topic, work.id),
+            oa_url=cap_text(
+                work.open_access.oa_url if work.open_access else None, MAX_TEXT_CHARS, work.id, "oa_url"
+            ),
+            abstract=cap_text(
+                rebuild_abstract(work.abstract_inverted_index), MAX_ABSTRACT_CHARS, work.id, "the abstract"
+            ),
             is_retracted=work.is_retracted,
             updated_date=_utc(work.updated_date),
             fetched_at=fetched_utc,

@@ -17,6 +17,7 @@ merged the work, and the old id goes to ``merged_from``. Curated files are only 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import difflib
 import html
@@ -103,6 +104,17 @@ class PlanItem:
         return f"{how} {self.openalex_id}"
 
 
+StopKind = Literal["openalex", "write", "interrupted"]
+
+
+class WriteFailed(Exception):
+    """A record could not be written (disk full, permission denied, ...); the run stops."""
+
+    def __init__(self, path: Path, exc: OSError):
+        self.path = path
+        super().__init__(f"cannot write {path}: {exc.strerror or exc}")
+
+
 @dataclass
 class Summary:
     outcomes: list[Outcome]
@@ -114,6 +126,8 @@ class Summary:
     rate_limit: RateLimit | None = None
     stopped: str | None = None
     """Why the run stopped early (unreachable, budget spent), ``None`` if it ran to the end."""
+    stop_kind: StopKind | None = None
+    """``openalex`` (OpenAlex unusable), ``write`` (a file could not be written) or ``interrupted``."""
 
     def count(self, status: Status) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -234,34 +248,41 @@ class Refresh:
     resolved: int = 0
     merged: int = 0
     _ids: dict[str, str] = field(default_factory=dict)
+    _written: dict[str, FetchedRecord] = field(default_factory=dict)
     _cleaned: bool = False
     _unsynced: bool = False
 
     def run(
         self, items: Sequence[PlanItem], all_works: Sequence[Work], fetched: dict[str, FetchedRecord]
     ) -> Summary:
+        """Resolve, fetch and store ``items``. Every record is written as soon as it is fetched.
+
+        A stop (OpenAlex unusable, a write that fails, Ctrl-C) ends the run early and keeps every
+        record already written; the works not reached are ``not-fetched``. Any other exception
+        propagates after the same bookkeeping.
+        """
         start = time.perf_counter()
         self.checked = read_checked(self.data_dir)
         self._ids = catalog_ids(all_works, fetched)
-        stopped = None
+        stopped: str | None = None
+        kind: StopKind | None = None
         try:
-            found = self._resolve_all([i for i in items if i.openalex_id is None])
-            self._ids.update({i.openalex_id: i.work.slug for i in items if i.openalex_id})
-            for item, work in found:
-                self._store(item, work)
+            self._fail_shared_ids(items)
+            self._resolve_all(
+                [i for i in items if i.openalex_id is None and i.work.slug not in self.outcomes]
+            )
             self._sync()
             self._fetch_known([i for i in items if i.openalex_id and i.work.slug not in self.outcomes])
         except StopRun as exc:
-            stopped = str(exc)
+            stopped, kind = str(exc), "openalex"
             log.error("%s", exc)
-        self._sync()
-        for item in items:
-            if item.work.slug not in self.outcomes:
-                self._finish(
-                    Outcome(item.work.slug, "not-fetched", item.openalex_id, item.resolved_by, stopped or "")
-                )
-        if any(o.status in ("updated", "unchanged") for o in self.outcomes.values()):
-            write_checked(self.data_dir, self.checked)
+        except WriteFailed as exc:
+            stopped, kind = str(exc), "write"
+            log.error("%s; the records written before it are kept", exc)
+        except KeyboardInterrupt:
+            stopped, kind = "interrupted (Ctrl-C)", "interrupted"
+        finally:
+            self._wrap_up(items, stopped)
         return Summary(
             outcomes=[self.outcomes[i.work.slug] for i in items],
             requests=self.client.stats,
@@ -270,22 +291,78 @@ class Refresh:
             merged=self.merged,
             rate_limit=self.client.rate_limit,
             stopped=stopped,
+            stop_kind=kind,
         )
+
+    def _wrap_up(self, items: Sequence[PlanItem], stopped: str | None) -> None:
+        """Make the written records durable and remember what was checked, whatever happened."""
+        with contextlib.suppress(OSError):
+            self._sync()
+        for item in items:
+            if item.work.slug not in self.outcomes:
+                self._finish(
+                    Outcome(item.work.slug, "not-fetched", item.openalex_id, item.resolved_by, stopped or "")
+                )
+        if any(o.status in ("updated", "unchanged") for o in self.outcomes.values()):
+            try:
+                write_checked(self.data_dir, self.checked)
+            except OSError as exc:
+                log.error(
+                    "cannot write %s: %s", fetched_dir(self.data_dir) / "checked.yaml", exc.strerror or exc
+                )
+
+    def _fail_shared_ids(self, items: Sequence[PlanItem]) -> None:
+        """Works whose known ids coincide cannot both own one record: each fails, naming the other."""
+        by_id: dict[str, list[PlanItem]] = {}
+        for item in items:
+            if item.openalex_id:
+                by_id.setdefault(item.openalex_id, []).append(item)
+        for wid, group in by_id.items():
+            if len(group) > 1:
+                slugs = [i.work.slug for i in group]
+                for item in group:
+                    others = ", ".join(s for s in slugs if s != item.work.slug)
+                    why = f"OpenAlex id {wid} is also the id of {others}; two works cannot share one record"
+                    self._finish(Outcome(item.work.slug, "failed", wid, item.resolved_by, why))
 
     # -- resolution ---------------------------------------------------------------------------
 
-    def _resolve_all(self, items: Sequence[PlanItem]) -> list[tuple[PlanItem, WorkPayload]]:
-        found = []
+    def _resolve_all(self, items: Sequence[PlanItem]) -> None:
+        """Resolve each work and store its record at once (a resolution answer is a full record)."""
+        resolved_now: list[tuple[PlanItem, WorkPayload]] = []
         for item in items:
             try:
                 result = self._resolve(item)
             except RequestFailed as exc:
                 self._finish(Outcome(item.work.slug, "failed", message=f"resolution failed: {exc}"))
                 continue
-            if result is not None:
-                self.resolved += 1
-                found.append((item, result))
-        return found
+            if result is None:
+                continue
+            self.resolved += 1
+            owner = self._ids.get(result.id)
+            if owner is not None and owner != item.work.slug:
+                self._finish(
+                    Outcome(item.work.slug, "failed", result.id, item.resolved_by,
+                            f"resolves to {result.id}, which is already the id of {owner}; "
+                            "two works cannot share one record (pin the right id or remove the duplicate)")
+                )  # fmt: skip
+                continue
+            self._ids[result.id] = item.work.slug
+            self._store(item, result)
+            resolved_now.append((item, result))
+        # A record stored early may cite works resolved after it: store those again, complete.
+        for item, result in resolved_now:
+            if self.outcomes[item.work.slug].status == "updated" and self._refs_grew(item, result):
+                del self.outcomes[item.work.slug]
+                self._store(item, result)
+
+    def _refs_grew(self, item: PlanItem, work: WorkPayload) -> bool:
+        """True when the stored record of ``item`` misses catalog works resolved after it."""
+        written = self._written.get(item.work.slug)
+        if written is None:
+            return False
+        now = {self._ids[r] for r in written.referenced_works if r in self._ids} - {item.work.slug}
+        return sorted(now) != written.referenced_in_catalog
 
     def _resolve(self, item: PlanItem) -> WorkPayload | None:
         w = item.work
@@ -409,11 +486,27 @@ class Refresh:
         if prev is not None and same_content(prev, record):
             self._finish(Outcome(slug, "unchanged", work.id, item.resolved_by))
             return
-        if not self._cleaned:
-            fetched_dir(self.data_dir).mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(fetched_dir(self.data_dir))
-            self._cleaned = True
-        write_atomic(record_path(self.data_dir, slug), dump_record(record), sync_dir=False)
+        path = record_path(self.data_dir, slug)
+        try:
+            text = dump_record(record)
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            where = unencodable_field(record.model_dump(mode="json"))
+            self._finish(
+                Outcome(slug, "failed", work.id, item.resolved_by,
+                        f"{work.id} has text that is not valid Unicode (a lone surrogate) in {where}")
+            )  # fmt: skip
+            return
+        try:
+            if not self._cleaned:
+                fetched_dir(self.data_dir).mkdir(parents=True, exist_ok=True)
+                remove_stale_temp_files(fetched_dir(self.data_dir))
+                self._cleaned = True
+            write_atomic(path, text, sync_dir=False)
+        except OSError as exc:
+            self.checked.pop(slug, None)
+            raise WriteFailed(path, exc) from None
+        self._written[slug] = record
         self._unsynced = True
         self._finish(Outcome(slug, "updated", work.id, item.resolved_by))
 
@@ -422,6 +515,22 @@ class Refresh:
         if outcome.status in ("failed", "ambiguous") and not quiet:
             log.warning("%s: %s: %s", outcome.slug, outcome.status, outcome.message)
         self.on_done(outcome)
+
+
+def unencodable_field(data: Any, path: str = "") -> str:
+    """The dotted path of the first string in ``data`` that UTF-8 cannot encode."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "(text)"
+        return ""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = unencodable_field(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return ""
 
 
 def import_payload(

@@ -31,12 +31,15 @@ Examples::
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (first: this checkout's packages and data)
+
+# isort: split
+
 import argparse
 import contextlib
 import logging
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,8 +47,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import impls
 from impls.layer import make_dispatch, permute

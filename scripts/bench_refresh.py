@@ -12,6 +12,10 @@ Needs the dev dependencies (pytest-httpserver) and reuses the test suite's serve
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (first: this checkout's packages and data)
+
+# isort: split
+
 import argparse
 import logging
 import math

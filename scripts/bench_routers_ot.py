@@ -26,20 +26,20 @@ Examples::
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (first: this checkout's packages and data)
+
+# isort: split
+
 import argparse
 import logging
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import impls
 

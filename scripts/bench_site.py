@@ -14,6 +14,10 @@ Examples:
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (first: this checkout's packages and data)
+
+# isort: split
+
 import argparse
 import datetime as dt
 import logging
@@ -24,8 +28,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import catalog  # noqa: E402
 from catalog import Author, Catalog, Erratum, FetchedRecord, Identifiers, Work, YearCount  # noqa: E402

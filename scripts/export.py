@@ -12,6 +12,10 @@ record (or null), a generation timestamp and headline counts; see ``catalog.expo
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (first: this checkout's packages and data)
+
+# isort: split
+
 import argparse
 import json
 import logging

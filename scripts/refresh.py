@@ -11,11 +11,22 @@ Environment:
   OPENALEX_EMAIL    contact address sent in the From header (optional)
   OPENALEX_URL      base URL of the API (default https://api.openalex.org; e.g. a mirror)
 
-Exit status: 0 done; 1 some works failed; 2 bad arguments or catalog; 3 stopped early
-(OpenAlex unreachable, daily budget spent, key refused).
+Exit status:
+  0    done
+  1    some works failed (each named; the others were stored)
+  2    bad arguments, or a catalog file that cannot be read (named, with its line)
+  3    stopped early by OpenAlex: unreachable, too many failed requests in a row, daily budget
+       spent, a Retry-After longer than --max-wait, key missing or refused (401/403)
+  4    stopped early: a record could not be written (disk full, permission denied; file named)
+  130  interrupted (Ctrl-C)
+Whatever the status, every record already fetched is kept, and each file is old or new.
 """
 
 from __future__ import annotations
+
+import _checkout  # noqa: F401  (first: this checkout's packages and data)
+
+# isort: split
 
 import argparse
 import datetime as dt
@@ -41,7 +52,8 @@ from catalog.refresh import Refresh, Summary, import_payload, load_fetched, load
 
 log = logging.getLogger("refresh")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_WRITE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+_EXIT_FOR_STOP = {"openalex": EXIT_STOPPED, "write": EXIT_WRITE, "interrupted": EXIT_INTERRUPTED}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--fetched-at", metavar="ISO-TIME", help="capture time for --import-payload (UTC if no offset)"
     )
     p.add_argument(
-        "--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for an answer (30)"
+        "--timeout",
+        type=_positive,
+        default=30.0,
+        metavar="S",
+        help="seconds one request may take, from connecting to the last byte of the answer (30)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=_non_negative,
+        default=300.0,
+        metavar="S",
+        help="longest Retry-After to wait out; a longer one stops the run with status 3 (300)",
+    )
+    p.add_argument(
+        "--give-up-after",
+        type=int,
+        default=3,
+        metavar="N",
+        help="stop the run (status 3) after N requests in a row fail even after their retries (3)",
     )
     p.add_argument(
         "--attempts", type=int, default=5, metavar="N", help="tries per request before giving up (5)"
@@ -97,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every resolution and request")
     return p
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds, got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def setup_logging(verbose: bool) -> None:
@@ -182,6 +233,23 @@ def main(
 ) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    try:
+        return _main(args, session, sleep)
+    except KeyboardInterrupt:
+        log.error("interrupted (Ctrl-C); every record written so far is kept")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line, not a traceback (-v logs it)
+        log.debug("traceback", exc_info=True)
+        log.error(
+            "refresh stopped by an unexpected error: %s: %s (records written before it are kept; "
+            "run with -v for the traceback)",
+            type(exc).__name__,
+            exc,
+        )
+        return EXIT_FAILED
+
+
+def _main(args: argparse.Namespace, session: requests.Session | None, sleep: Callable[[float], None]) -> int:
     if args.import_payload:
         return do_import(args)
     if args.fetched_at:
@@ -203,7 +271,9 @@ def main(
         return EXIT_OK
     try:
         settings = Settings.from_env(
-            timeout=args.timeout, backoff=Backoff(attempts=args.attempts, base=args.backoff)
+            timeout=args.timeout,
+            give_up_after=args.give_up_after,
+            backoff=Backoff(attempts=args.attempts, base=args.backoff, max_retry_after=args.max_wait),
         )
     except ConfigError as exc:
         log.error("%s", exc)
@@ -212,13 +282,22 @@ def main(
     with tqdm(total=len(items), desc="refresh", unit="work", disable=None) as bar, logging_redirect_tqdm():
         run = Refresh(args.data_dir, client, now=now, on_done=lambda outcome: bar.update(1))
         summary = run.run(items, works, fetched)
-    if not (summary.stopped and summary.requests.answered == 0):  # else the error line says it all
+    quiet = summary.stop_kind == "interrupted" or (summary.stopped and summary.requests.answered == 0)
+    if not quiet:  # else the error line says it all
         console.print(summary_table(summary))
         extra = problems_table(summary)
         if extra is not None:
             console.print(extra)
-    if summary.stopped:
-        return EXIT_STOPPED
+    if summary.stop_kind == "interrupted":
+        kept = summary.count("updated") + summary.count("unchanged")
+        log.error(
+            "interrupted (Ctrl-C): %d record(s) stored or confirmed, %d work(s) not fetched",
+            kept,
+            summary.count("not-fetched"),
+        )
+        return EXIT_INTERRUPTED
+    if summary.stop_kind is not None:
+        return _EXIT_FOR_STOP[summary.stop_kind]
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 

@@ -12,6 +12,10 @@ Examples:
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (first: this checkout's packages and data)
+
+# isort: split
+
 import argparse
 import functools
 import http.server
@@ -20,8 +24,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a file: make the repository's packages importable
-    sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("site")
 
@@ -122,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             site_dir = _build(args)
     except Abort as exc:
         log.error("%s", exc)
+        return 1
+    except OSError as exc:  # disk full, permission denied, a symlink loop: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        log.error("cannot build the site: %s%s", where, exc.strerror or exc)
         return 1
     if args.command == "serve":
         _serve(site_dir, args.host, args.port)

@@ -14,6 +14,10 @@ unreachable, budget spent).
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (first: this checkout's packages and data)
+
+# isort: split
+
 import argparse
 import datetime as dt
 import json

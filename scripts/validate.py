@@ -13,8 +13,13 @@ Exit status 0 when the catalog is clean (a short summary is printed), 1 when the
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (first: this checkout's packages and data)
+
+# isort: split
+
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,10 +31,8 @@ log = logging.getLogger("validate")
 
 
 def _where(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    absolute = Path(os.path.abspath(path))  # not resolve(): a symlink loop must not raise here
+    return os.path.relpath(absolute) if absolute.is_relative_to(Path.cwd()) else str(path)
 
 
 def format_problem(p: Problem) -> str:

@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from openalex_server import fake_openalex, openalex_url  # noqa: F401  (fixtures of the fake OpenAlex)
-
-import catalog
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The scripts start with ``import _checkout`` (scripts/_checkout.py); tests that load a script
+# by its path find it here. Appended, so that scripts/site.py never shadows the stdlib module.
+sys.path.append(str(REPO_ROOT / "scripts"))
+
+import pytest  # noqa: E402
+from openalex_server import fake_openalex, openalex_url  # noqa: F401, E402  (fixtures of the fake OpenAlex)
+
+import catalog  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -163,6 +163,38 @@ class FakeOpenAlex:
             Fault(kind, times, lambda req: Response(body, 200, {"Content-Type": "application/json"}))
         )
 
+    def cut(self, kind: str, *, times: int = 1) -> None:
+        """Answer with a body cut short: the headers promise more bytes than come, then the socket closes."""
+
+        def respond(req: Request) -> Response:
+            full = self._answer(req).get_data()
+
+            def body() -> Iterator[bytes]:
+                yield full[: len(full) // 2]
+                raise ConnectionAbortedError("cut mid-body on purpose")
+
+            headers = {"Content-Type": "application/json", "Content-Length": str(len(full))}
+            return Response(body(), 200, headers, direct_passthrough=True)
+
+        self.faults.append(Fault(kind, times, respond))
+
+    def drip(self, kind: str, *, every: float = 0.5, times: int = 1) -> None:
+        """Answer one byte every ``every`` seconds (all at once when :attr:`release` is set)."""
+
+        def respond(req: Request) -> Response:
+            full = self._answer(req).get_data()
+
+            def body() -> Iterator[bytes]:
+                for i in range(len(full)):
+                    if not self.release.is_set():
+                        self.release.wait(every)
+                    yield full[i : i + 1]
+
+            headers = {"Content-Type": "application/json", "Content-Length": str(len(full))}
+            return Response(body(), 200, headers, direct_passthrough=True)
+
+        self.faults.append(Fault(kind, times, respond))
+
     def requests_of(self, kind: str) -> list[Logged]:
         return [r for r in self.log if r.kind == kind]
 
@@ -299,7 +331,11 @@ class FakeOpenAlex:
                 "X-RateLimit-Cost-USD": f"{cost}",
                 "X-RateLimit-Reset": "3600",
             }
-        return Response(json.dumps(body, ensure_ascii=False), status, headers)
+        try:
+            text = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: legal JSON only as a \\u escape
+            text = json.dumps(body, ensure_ascii=True).encode("ascii")
+        return Response(text, status, headers)
 
 
 class _Shared:

@@ -19,6 +19,7 @@ from catalog.openalex import (
     RequestFailed,
     Settings,
     Unreachable,
+    WaitTooLong,
 )
 from catalog.openalex_payload import (
     PayloadError,
@@ -208,10 +209,12 @@ def test_budget_exhausted_429_stops_at_once(fake):
     assert sleeps == [] and len(fake.log) == 1
 
 
-def test_retry_after_of_hours_means_the_budget_is_spent(fake):
+def test_retry_after_of_hours_stops_instead_of_sleeping(fake):
     fake.fail("singleton", 429, headers={"Retry-After": "54000"})
-    with serve(fake) as url, pytest.raises(BudgetExhausted, match=r"retry after 15\.0 h"):
-        client_for(url).get_work("W1")
+    sleeps: list[float] = []
+    with serve(fake) as url, pytest.raises(WaitTooLong, match=r"asks to wait 54000 s .* maximum of 300 s"):
+        client_for(url, sleeps).get_work("W1")
+    assert sleeps == []
 
 
 def test_timeouts_are_retried(fake):
@@ -232,10 +235,21 @@ def test_closed_port_is_reported_as_unreachable_naming_the_url():
         client_for(url).get_works(["W1"])
 
 
-def test_malformed_json_fails_the_request_with_a_clear_message(fake):
-    fake.malform("list")
-    with serve(fake) as url, pytest.raises(RequestFailed, match=r"malformed JSON from http://127\.0\.0\.1"):
+def test_malformed_json_is_retried_then_fails_the_request_with_a_clear_message(fake):
+    fake.malform("list", times=4)
+    with (
+        serve(fake) as url,
+        pytest.raises(RequestFailed, match=r"malformed JSON .* from http://127\.0\.0\.1"),
+    ):
         client_for(url).get_works(["W1"])
+    assert len(fake.requests_of("list")) == 4
+
+
+def test_a_body_cut_mid_json_once_is_retried(fake):
+    fake.malform("list")
+    with serve(fake) as url:
+        assert list(client_for(url).get_works(["W1"]).works) == ["W1"]
+    assert len(fake.requests_of("list")) == 2
 
 
 def test_unreadable_result_fails_only_that_work(fake):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from catalog import FetchedRecord, Work
+from scripts.sitegen.text import plain
 
 _LATEX = {
     "\\": r"\textbackslash{}",
@@ -30,7 +31,7 @@ _PREPRINT_RE = re.compile(r"^(arxiv|github|techrxiv|openreview)\b", re.IGNORECAS
 
 def latex_escape(text: str) -> str:
     """Escape the characters BibTeX/LaTeX treat specially; collapse whitespace."""
-    return _LATEX_RE.sub(lambda m: _LATEX[m.group()], " ".join(text.split()))
+    return _LATEX_RE.sub(lambda m: _LATEX[m.group()], " ".join(plain(text).split()))
 
 
 def verbatim(text: str) -> str:

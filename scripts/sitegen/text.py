@@ -23,11 +23,20 @@ import re
 _MD_SPECIAL = re.compile(r"[\\`*_{}\[\]#+\-!|$~^=]")
 _LEADING_NUMBER = re.compile(r"^(\d+)\.")
 _WS = re.compile(r"\s+")
+# Bidirectional embedding, override and isolate controls (and the directional marks): in fetched
+# text they could reorder what follows them on the page (a title that reads backwards, a spoofed
+# link text), so every writer removes them.
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def plain(text: object) -> str:
+    """``text`` as a string without bidirectional control characters."""
+    return _BIDI.sub("", str(text))
 
 
 def h(text: object) -> str:
     """Escape for raw HTML text or a double-quoted attribute value."""
-    return html.escape(str(text), quote=True)
+    return html.escape(plain(text), quote=True)
 
 
 @functools.lru_cache(maxsize=1 << 17)
@@ -43,12 +52,12 @@ def md(text: object) -> str:
     ``& < >`` become entities first (so ``&lt;`` in a title stays visible as typed), then every
     character Markdown or an enabled extension could interpret becomes a character reference.
     """
-    return _md(str(text))
+    return _md(plain(text))
 
 
 def code(text: object) -> str:
     """An inline code span showing ``text`` verbatim (Markdown escapes its HTML itself)."""
-    s = " ".join(str(text).split())
+    s = " ".join(plain(text).split())
     longest = max((len(m) for m in re.findall(r"`+", s)), default=0)
     ticks = "`" * (longest + 1)
     pad = " " if s.startswith("`") or s.endswith("`") else ""
@@ -65,7 +74,7 @@ def fence(text: str, lang: str = "", attrs: str = "") -> str:
 
 def excerpt(text: str, limit: int = 300) -> str:
     """First ``limit`` characters of ``text`` cut at a word boundary, with an ellipsis if cut."""
-    s = _WS.sub(" ", text).strip()
+    s = _WS.sub(" ", plain(text)).strip()
     if len(s) <= limit:
         return s
     cut = s[:limit].rsplit(" ", 1)[0].rstrip(",;:.-")
