@@ -553,6 +553,8 @@ class MoELayer(nn.Module):
 
     def mix(self, x_TD: torch.Tensor, plan: RoutingPlan, mask_T: torch.Tensor | None = None) -> torch.Tensor:
         """Routed mixture plus shared experts for flattened tokens, in ``x_TD``'s dtype."""
+        if x_TD.shape[0] == 0:  # an empty batch: an empty output, still part of the graph
+            return x_TD * 0
         y_ND, d = self.expert_outputs(x_TD, plan)
         out_TD = combine(y_ND, d, plan.weights_TK, x_TD.dtype)
         return self._add_shared(out_TD, x_TD, mask_T)

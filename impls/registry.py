@@ -88,7 +88,16 @@ def build_router(name: str, *, d_model: int, num_experts: int | None = None, **o
         n = num_experts if num_experts is not None else preset.num_experts
         if n is None:
             raise TypeError(f"preset {name!r} does not fix num_experts; pass num_experts=")
-        return cls(d_model, n, **merged)
+        try:
+            return cls(d_model, n, **merged)
+        except ValueError as exc:
+            paper = f"its paper uses num_experts={preset.num_experts}" if preset.num_experts else "preset"
+            fixed = ", ".join(f"{k}={v!r}" for k, v in preset.options.items()) or "no options"
+            raise ValueError(
+                f"preset {name!r} ({paper} with {fixed}) cannot be built with num_experts={n}"
+                f"{' and ' + ', '.join(f'{k}={v!r}' for k, v in options.items()) if options else ''}: "
+                f"{exc}; override the conflicting options, e.g. build_router({name!r}, ..., k=...)"
+            ) from None
     if name in ROUTERS:
         if num_experts is None:
             raise TypeError(f"router {name!r} needs num_experts=")

@@ -16,6 +16,21 @@ Template (flaxformer's ``Router`` split, in PyTorch):
 
 Noise and sampling are off in ``eval()``, so evaluation is deterministic.
 
+Edge inputs, the same for every router:
+
+* **Padding** (``token_mask_T`` False) keeps no slot: its ``keep_TK`` is False and its weights are 0,
+  whatever the subclass returned, and it takes no capacity and no part in any loss.
+* **Non-finite tokens** are routed nowhere. A token whose input or gate logits hold a NaN or an
+  infinity is treated as padding (so it changes neither the routing, the weights nor the losses of
+  any other token, and receives no expert output), its values are replaced by zeros before any
+  routing math (so no NaN reaches the gate's gradient), and ``plan.info["nonfinite_tokens"]``
+  counts such tokens (a 0-d tensor). Routers that synchronize with the host anyway
+  (``nonfinite_sync``: transport, assignment, expert choice) check once per call and take their
+  masked path only when such a token is present; the others always fold the check into the mask.
+* **Empty batches** (``T = 0``, from ``[0, D]`` or ``[batch, 0, D]``) give an empty plan whose
+  losses are finite zeros (with a gradient path to the gate); router state (bias, duals, step
+  counters) is left as it was.
+
 State a router keeps in float32 whatever the module is cast to (e.g. the expert bias of
 auxiliary-loss-free balancing) is named in ``Router.fp32_buffers``; ``module.to(torch.bfloat16)``
 moves those buffers between devices but never changes their dtype.
@@ -94,6 +109,9 @@ class Router(nn.Module):
     balanced_by_construction: ClassVar[bool] = False
     #: names of buffers kept in float32 under ``module.to(dtype)`` (see the module docstring).
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
+    #: check for non-finite tokens with one host sync and route unmasked when there is none (for
+    #: routers whose masked path costs more than a sync; see the module docstring).
+    nonfinite_sync: ClassVar[bool] = False
 
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
         super().__init__()
@@ -140,23 +158,65 @@ class Router(nn.Module):
             if isinstance(token_mask_T, torch.Tensor) and token_mask_T.dim() == 2:
                 token_mask_T = token_mask_T.reshape(-1)
         x_TD, token_mask_T = self._check_inputs(x_TD, token_mask_T)
+        if x_TD.shape[0] == 0:
+            return self._empty_plan(x_TD)
         if sequence_length is not None and (sequence_length <= 0 or x_TD.shape[0] % sequence_length):
             raise ValueError(
                 f"{type(self).__name__}: sequence_length={sequence_length} does not divide the "
                 f"{x_TD.shape[0]} tokens"
             )
+        return self._route_tokens(x_TD, token_mask_T, sequence_length)
+
+    def _route_tokens(
+        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None, sequence_length: int | None
+    ) -> RoutingPlan:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x_TD = x_TD.float()
+            finite_T = torch.isfinite(x_TD).all(-1)
+            x_TD = torch.where(finite_T[:, None], x_TD, torch.zeros((), device=x_TD.device))
             eps = self.config.jitter_eps
             if self.training and eps > 0:
                 x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
             logits_TE = self.compute_logits(x_TD)
+            finite_T = finite_T & torch.isfinite(logits_TE).all(-1)
+            logits_TE = torch.where(finite_T[:, None], logits_TE, torch.zeros((), device=x_TD.device))
+            nonfinite = (~finite_T).sum()
+            if not self.nonfinite_sync or not bool(finite_T.all()):  # the sync, for those routers
+                token_mask_T = finite_T if token_mask_T is None else token_mask_T & finite_T
             self._sequence_length = sequence_length
             try:
                 plan = self.route(logits_TE, x_TD, token_mask_T)
             finally:
                 self._sequence_length = None
-            return self._apply_capacity(plan)
+            plan = self._apply_capacity(plan)
+            keep_TK, weights_TK = plan.keep_TK & (plan.expert_ids_TK >= 0), plan.weights_TK
+            if token_mask_T is not None:  # padding keeps no slot, whatever route() returned
+                keep_TK = keep_TK & token_mask_T[:, None]
+                weights_TK = torch.where(token_mask_T[:, None], weights_TK, torch.zeros_like(weights_TK))
+            info = {**plan.info, "nonfinite_tokens": nonfinite}
+            return dataclasses.replace(plan, keep_TK=keep_TK, weights_TK=weights_TK, info=info)
+
+    def _empty_plan(self, x_TD: torch.Tensor) -> RoutingPlan:
+        """The plan of ``T = 0`` tokens: one padding token routed, then sliced away; state restored."""
+        saved = {name: buf.clone() for name, buf in self.named_buffers()}
+        extra = (
+            self.get_extra_state() if type(self).get_extra_state is not nn.Module.get_extra_state else None
+        )
+        try:
+            pad = x_TD.new_zeros(1, x_TD.shape[-1])
+            plan = self._route_tokens(pad, torch.zeros(1, dtype=torch.bool, device=x_TD.device), None)
+        finally:
+            with torch.no_grad():
+                for name, buf in self.named_buffers():
+                    buf.copy_(saved[name])
+            if extra is not None:
+                self.set_extra_state(extra)
+        empty = {
+            name: getattr(plan, name)[:0]
+            for name in ("expert_ids_TK", "weights_TK", "keep_TK", "scores_TE", "logits_TE", "token_mask_T")
+        }
+        info = {**plan.info, "nonfinite_tokens": plan.info["nonfinite_tokens"] * 0}
+        return dataclasses.replace(plan, **empty, info=info)
 
     @property
     def sequence_length(self) -> int | None:

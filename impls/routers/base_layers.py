@@ -122,6 +122,8 @@ class BalancedAssignmentRouter(Router):
     """Exact balanced token-expert assignment with sigmoid mixing (Lewis et al., "BASE Layers:
     Simplifying Training of Large, Sparse Models", ICML 2021, arXiv:2103.16716)."""
 
+    nonfinite_sync = True  # syncs with the host anyway; see impls.router
+
     name = "balanced_assignment"
     papers = ("base-layers",)
     causal = True

@@ -130,6 +130,8 @@ class BIPRouter(Router):
     """Top-k of scores minus LP dual corrections (Yuan Sun, "Binary-Integer-Programming Based
     Algorithm for Expert Load Balancing in Mixture-of-Experts Models", 2025, arXiv:2502.15451)."""
 
+    nonfinite_sync = True  # syncs with the host anyway; see impls.router
+
     name = "bip"
     papers = ("bip-load-balancing",)
     causal = True

@@ -37,7 +37,10 @@ $$
 
 with node-limited groups scored by the sum of their two best biased affinities
 (`group_score="top2_sum"`) and a small *sequence-wise* balance loss (V3 Sec. 2.1.2) on the
-normalized affinities $s'_{i,t} = s_{i,t} / \sum_j s_{j,t}$.
+normalized affinities $s'_{i,t} = s_{i,t} / \sum_j s_{j,t}$. Its $f_i$ (V3 eq. 18) counts
+$\mathbb{1}(s_{i,t} \in \operatorname{Topk}(\{s_{j,t}\}, K_r))$: the plain top-$K_r$ of the
+*unbiased* affinities, not the biased, group-limited selection (`balance_counts="unbiased_topk"`,
+as in Megatron-Core); DeepSeekMoE and V2 count the experts actually selected (`"selected"`).
 
 **Auxiliary-loss-free balancing** (Wang et al. 2024) is the bias $b_j$ above: it changes only
 *which* experts are selected, never the combine weights (those use $s_{i,t}$ as computed, never
@@ -139,6 +142,11 @@ class DeepSeekConfig(RouterConfig):
         group_score: ``"max"`` (V2: best expert of the group) or ``"top2_sum"`` (V3).
         aux_free_bias: keep a selection-only bias updated by ``DeepSeekRouter.update_bias()``.
         bias_update_rate: ``u`` of the sign rule.
+        balance_counts: which choices the balance losses count in ``f_i``: ``"selected"`` (the
+            experts actually chosen, biased and group-limited: DeepSeekMoE and V2, eq. 12, "token
+            t selects expert i") or ``"unbiased_topk"`` (V3 eq. 18: the plain top-``K_r`` of the
+            unbiased affinities ``s_{i,t}``, no bias and no group limit, as Megatron-Core computes
+            it for its sequence-level loss).
     """
 
     k: int = 6
@@ -148,6 +156,7 @@ class DeepSeekConfig(RouterConfig):
     n_group: int = 1
     topk_group: int = 1
     group_score: Literal["max", "top2_sum"] = "max"
+    balance_counts: Literal["selected", "unbiased_topk"] = "selected"
     aux_free_bias: bool = False
     bias_update_rate: float = 1e-3
 
@@ -155,6 +164,10 @@ class DeepSeekConfig(RouterConfig):
         super().validate(num_experts)
         if self.score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        if self.balance_counts not in ("selected", "unbiased_topk"):
+            raise ValueError(
+                f"balance_counts must be 'selected' or 'unbiased_topk', got {self.balance_counts!r}"
+            )
         if self.group_score not in ("max", "top2_sum"):
             raise ValueError(f"group_score must be 'max' or 'top2_sum', got {self.group_score!r}")
         if self.routed_scaling_factor <= 0:
@@ -168,7 +181,9 @@ class DeepSeekConfig(RouterConfig):
         per_group = num_experts // self.n_group
         if self.k > self.topk_group * per_group:
             raise ValueError(
-                f"k={self.k} exceeds the {self.topk_group} groups x {per_group} experts a token may use"
+                f"k={self.k} exceeds the topk_group={self.topk_group} groups x {per_group} experts per group "
+                f"(num_experts={num_experts} / n_group={self.n_group}) that a token may use; lower k, "
+                "or raise topk_group, or use fewer groups"
             )
         if self.group_score == "top2_sum" and self.n_group > 1 and per_group < 2:
             raise ValueError(f"group_score='top2_sum' needs >= 2 experts per group, got {per_group}")
@@ -261,9 +276,10 @@ class DeepSeekRouter(Router):
             with torch.no_grad():
                 self.tokens_per_expert += expert_counts(ids_TK, E, token_mask_T)
         seq = self.sequence_length or logits_TE.shape[0]
+        count_TK = ids_TK if cfg.balance_counts == "selected" else topk(scores_TE.detach(), cfg.k)[1]
         losses = {
-            "load_balance": load_balance_loss(probs_TE, ids_TK, token_mask_T),
-            "seq_load_balance": sequence_load_balance_loss(probs_TE, ids_TK, seq, token_mask_T),
+            "load_balance": load_balance_loss(probs_TE, count_TK, token_mask_T),
+            "seq_load_balance": sequence_load_balance_loss(probs_TE, count_TK, seq, token_mask_T),
             "z_loss": z_loss(logits_TE, token_mask_T),
         }
         if cfg.n_group > 1:
@@ -388,6 +404,7 @@ DEEPSEEK_V3 = register_preset(
             "group_score": "top2_sum",
             "aux_free_bias": True,
             "bias_update_rate": 1e-3,
+            "balance_counts": "unbiased_topk",
         },
         num_experts=256,
         layer={**_SHARED, "num_shared_experts": 1},

@@ -94,6 +94,8 @@ class ExpertChoiceRouter(Router):
     """Each expert takes its top-C tokens (Zhou et al., "Mixture-of-Experts with Expert Choice
     Routing", NeurIPS 2022, arXiv:2202.09368). Not causal."""
 
+    nonfinite_sync = True  # syncs with the host anyway; see impls.router
+
     name = "expert_choice"
     papers = ("expert-choice", "brainformers")
     causal = False

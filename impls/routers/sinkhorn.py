@@ -183,6 +183,8 @@ class SinkhornConfig(RouterConfig):
 class _TransportRouter(Router):
     """Shared steps: solve the transport plan, pick top-k slots, gather combine weights."""
 
+    nonfinite_sync = True  # syncs with the host anyway; see impls.router
+
     Config: ClassVar[type[RouterConfig]] = SinkhornConfig
     config: SinkhornConfig
 

@@ -209,12 +209,15 @@ JAMBA = register_preset(
     Preset(
         name="jamba",
         router="topk",
-        options={"k": 2},
+        options={"k": 2, "normalize": False},
         num_experts=16,
         layer=_SWIGLU,
         loss_coefficients={"load_balance": 0.001},
         papers=("jamba",),
-        description="Jamba (Lieber et al. 2024, arXiv 2403.19887): 16 experts, top-2, Mixtral-style router.",
+        description=(
+            "Jamba (Lieber et al. 2024, arXiv 2403.19887): 16 experts, top-2 of the softmax, combined "
+            "with the raw probabilities (no renormalization, as in the released modeling code)."
+        ),
         deviations="Loss weight 0.001 is the Hugging Face default, not confirmed in the paper.",
     )
 )
