@@ -422,11 +422,11 @@ def test_ssr_counts_training_steps_only_and_keeps_the_count_in_its_state():
 
 
 def test_ssr_sinkhorn_steps_take_gates_from_the_plan_renormalized_over_k():
-    router = _build("ssr", sinkhorn_prob=1.0).train()  # k = 2
+    router = _build("ssr", sinkhorn_prob=1.0).train()  # k = 2, epsilon = 0.3
     x = torch.randn(48, D, generator=_gen(16))
     plan = router(x)
     logits = router.compute_logits(x)
-    ref = sinkhorn(logits, epsilon=1.0, tol=1e-4, max_iters=100).plan
+    ref = sinkhorn(logits, epsilon=router.config.epsilon, tol=1e-4, max_iters=100).plan
     top = ref.topk(2, dim=-1)
     assert torch.equal(plan.expert_ids_TK, top.indices)
     torch.testing.assert_close(plan.weights_TK, top.values / top.values.sum(-1, keepdim=True))

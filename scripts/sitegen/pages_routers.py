@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 from scripts.sitegen.context import ROUTERS_INDEX, SiteContext, family_doc, work_doc
 from scripts.sitegen.pages_works import work_link
@@ -92,6 +94,47 @@ def _measure_table(fam: RouterFamily) -> list[str]:
     return out
 
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def _sinkhorn_balance() -> list[str]:
+    """The selected-load measurement of ``scripts/measure_sinkhorn_balance.py``, if it was run."""
+    path = RESULTS / "sinkhorn_balance.json"
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    worst: dict[tuple[int, int, float], float] = {}
+    iters: dict[float, int] = {}
+    for r in doc["rows"]:
+        key = (r["experts"], r["k"], r["epsilon"])
+        worst[key] = max(worst.get(key, 0.0), r["selected_max_over_mean"])
+        iters[r["epsilon"]] = max(iters.get(r["epsilon"], 0), r["iterations"])
+    shapes = sorted({(e, k) for e, k, _ in worst})
+    epsilons = sorted(iters)
+    prov = doc["provenance"]
+    out = [
+        "### Selected load against ε under skew",
+        "",
+        "Largest *selected* load over the mean (the busiest expert after each token takes the top-$k$ "
+        "of its plan row), worst case over the skews and seeds measured, and the most Sinkhorn "
+        f"iterations needed (tolerance 1e-4); {doc['tokens']} tokens per batch. The plan's marginals "
+        "are balanced in every cell; the selection is not. Produced by "
+        f"`{prov['script']}` at commit `{prov['commit'][:12]}` (torch {prov['torch']}, {prov['machine']}, "
+        f"{prov['date']}).",
+        "",
+        "| ε | " + " | ".join(f"E = {e}, k = {k}" for e, k in shapes) + " | iterations |",
+        "|---:|" + "---:|" * (len(shapes) + 1),
+    ]
+    for eps in epsilons:
+        cells = " | ".join(f"{worst[(e, k, eps)]:.3f}" for e, k in shapes)
+        out.append(f"| {eps:g} | {cells} | {iters[eps]} |")
+    return [*out, ""]
+
+
+#: measurements beyond the standard table, by family
+EXTRA_MEASUREMENTS = {"sinkhorn": _sinkhorn_balance}
+
+
 def family_page(ctx: SiteContext, fam: RouterFamily, setup: MeasureSetup) -> str:
     doc = family_doc(fam.name)
     names = ", ".join(f"`{r.name}`" for r in fam.routers)
@@ -141,6 +184,9 @@ def family_page(ctx: SiteContext, fam: RouterFamily, setup: MeasureSetup) -> str
         "router's forward time.",
         "",
     ]
+    extra = EXTRA_MEASUREMENTS.get(fam.name)
+    if extra is not None:
+        out += extra()
 
     out += ["## Source", "", f"The module as it is in the repository, `{fam.source_rel}`:", ""]
     out += ['??? example "Show the source"', ""]
