@@ -16,7 +16,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, NonNegativeInt, PositiveInt, model_validator
 
-from catalog.types import DOI, ArxivId, ImplPath, OpenAlexId, Slug, SurveyDate, survey_date_key
+from catalog.types import (
+    DOI,
+    ArxivId,
+    AuthorName,
+    ImplPath,
+    OpenAlexId,
+    Slug,
+    SurveyDate,
+    Venue,
+    survey_date_key,
+)
 
 
 class CuratedModel(BaseModel):
@@ -75,6 +85,8 @@ class Erratum(CuratedModel):
 
 
 Provenance = Literal["survey", "survey-unnumbered", "seed", "tracked"]
+Fact = Literal["title", "authors", "venue", "doi", "arxiv", "code", "pdf", "date"]
+"""The curated bibliographic facts that carry a source."""
 
 
 class Work(CuratedModel):
@@ -89,10 +101,29 @@ class Work(CuratedModel):
     """Year of first public appearance: the year of ``date`` when there is one (the survey dates
     arXiv v1 or the release), else the year of the arXiv id, else the publication year."""
     date: SurveyDate | None = None
-    """Date as the survey gives it (``None`` for works it does not date); for works beyond the survey,
-    the first-release date when it is known."""
-    venue: str | None = None
-    """Venue label as the survey gives it (``ArXiv 2024``, ``ICML 2024``)."""
+    """First-release date (arXiv v1 or the release), zero-padded: as the survey gives it for the
+    works it dates, else the first-release date when it is known."""
+    authors: list[AuthorName] = []
+    """Every author, in the order printed on the paper; the organisation for a model release.
+    Empty only when nobody could verify them (``unverified["authors"]`` then says why)."""
+    venue: Venue | None = None
+    """Where the work was published: ``"<venue> <year>"`` from the controlled vocabulary
+    (``JMLR 2022``), ``arXiv`` when there is no peer-reviewed version, ``None`` for a model release
+    without a paper or when nobody could verify it."""
+    survey_venue: str | None = None
+    """The venue label the survey prints (``ArXiv 2022``), kept as it is; errata say where it is wrong."""
+    code: HttpUrl | None = None
+    """The official code repository the paper or its authors name (never a reimplementation)."""
+    pdf: HttpUrl | None = None
+    """A public PDF of the paper."""
+    sources: dict[Fact, HttpUrl] = {}
+    """For each curated fact, the public page it was read from."""
+    unverified: dict[Fact, str] = {}
+    """For a fact left empty, why nobody could verify it."""
+    caveats: dict[Fact, str] = {}
+    """For a fact given, what a reader should know (another version's title, a spelling variant)."""
+    added: dt.date | None = None
+    """When the work entered the catalog (stable; the Atom feed and "What's new" use it)."""
     ids: Identifiers = Identifiers()
     survey_ref: PositiveInt | None = None
     """Reference number in the survey's list (1..128), ``None`` for unnumbered entries."""
@@ -105,6 +136,24 @@ class Work(CuratedModel):
     errata: list[Erratum] = []
     implementations: list[ImplPath] = []
     """Import paths of the router classes or presets in ``impls`` that implement it."""
+
+    @model_validator(mode="after")
+    def _facts_are_consistent(self) -> Work:
+        if len(set(self.authors)) != len(self.authors):
+            twice = sorted({a for a in self.authors if self.authors.count(a) > 1})
+            raise ValueError(f"authors list a name twice: {twice}")
+        for fact in self.unverified:
+            if self._fact(fact):
+                raise ValueError(f"unverified[{fact!r}] says why {fact} is empty, but {fact} is given")
+        for fact in self.sources:
+            if not self._fact(fact):
+                raise ValueError(f"sources[{fact!r}] gives a source for {fact}, which is empty")
+        return self
+
+    def _fact(self, fact: str) -> object:
+        if fact in ("doi", "arxiv"):
+            return getattr(self.ids, fact)
+        return getattr(self, fact)
 
     @model_validator(mode="after")
     def _year_matches_date(self) -> Work:

@@ -228,7 +228,7 @@ def test_pinned_ids_of_the_ijcnn_paper(real_catalog):
     assert (w.ids.openalex, w.ids.doi, w.date, w.venue) == (
         "W4402351149",
         "10.1109/ijcnn60899.2024.10650737",
-        "2024-6-30",
+        "2024-06-30",
         "IJCNN 2024",
     )
 

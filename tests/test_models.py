@@ -96,9 +96,12 @@ def test_identifiers_reject_unknown_keys():
 # --- dates and slugs -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("date", ["2024", "2023-12", "2024-6-11", "2024-05-15"])
-def test_survey_dates_in_all_printed_forms_are_accepted(date):
-    assert work(year=int(date[:4]), date=date).date == date
+@pytest.mark.parametrize(
+    ("date", "stored"),
+    [("2024", "2024"), ("2023-12", "2023-12"), ("2024-6-11", "2024-06-11"), ("2024-05-15", "2024-05-15")],
+)
+def test_survey_dates_in_all_printed_forms_are_accepted_and_zero_padded(date, stored):
+    assert work(year=int(date[:4]), date=date).date == stored
 
 
 def test_yaml_dates_are_kept_as_text():

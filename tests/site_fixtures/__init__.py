@@ -122,7 +122,8 @@ XSS_WORK = _work(
     2023,
     ["token-choice", "computation"],
     short_name="Inj " + XSS,
-    venue="Venue " + XSS,
+    survey_venue="Venue " + XSS,
+    authors=["Ann <script>window.__xss=3</script>", "Bo *b* $x$ [l](javascript:x)"],
     provenance="tracked",
     notes="Notes " + XSS,
     errata=[
