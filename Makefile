@@ -1,6 +1,8 @@
 # MoE Atlas: two commands do all set-up on a fresh machine.
 #   make serve   build the site from the committed catalog and serve it on http://127.0.0.1:8000
-#   make test    run the whole test suite (what CI runs)
+#                (`mkdocs serve`: live reload when a page source, a curated YAML file or a router
+#                module changes); installs only what serving needs
+#   make test    run the whole test suite (what CI runs); installs the test tools too
 # Both create .venv on first use. torch 2.13.0 is installed before the package so that pip
 # takes the local CPU wheel instead of resolving a multi-GB CUDA build.
 
@@ -15,10 +17,14 @@ export DISABLE_MKDOCS_2_WARNING := true
 
 .PHONY: install browser serve build test lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed-site: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.installed-site pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
@@ -30,11 +36,11 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-serve: install
-	$(BIN)/python scripts/site.py serve --host $(HOST) --port $(PORT)
+serve: $(BIN)/.installed-site
+	$(BIN)/mkdocs serve --dev-addr $(HOST):$(PORT)
 
-build: install
-	$(BIN)/python scripts/site.py build
+build: $(BIN)/.installed-site
+	$(BIN)/mkdocs build
 
 test: install browser
 	$(BIN)/python -m pytest -n 2

@@ -4,8 +4,13 @@
 Asks OpenAlex for works citing the catalog's works (cites:W1|W2|... OR filters of 100 ids,
 published on or after --since, newest first), leaves out works already in the catalog, ranks
 the rest by how many catalog works they cite, prints the top of the list and writes the whole
-report (Markdown, or JSON when --out ends in .json). Curated and fetched files are only read;
+report (Markdown, or JSON when --out ends in .json; the site renders a JSON report written to
+catalog/data/tracking.json as its "Tracking" page). Curated and fetched files are only read;
 works need a known OpenAlex id (pinned, or remembered by scripts/refresh.py) to be tracked.
+
+--draft OPENALEX_ID writes a skeleton curated file catalog/data/works/<slug>.yaml for one
+candidate, filled from its OpenAlex record, for a person to complete and verify (it never
+overwrites a file, and stays invalid until it is placed in the taxonomy).
 
 Environment: OPENALEX_API_KEY, OPENALEX_EMAIL, OPENALEX_URL, as for scripts/refresh.py.
 Exit status: 0 done; 1 a request failed; 2 bad arguments or catalog; 3 stopped (OpenAlex
@@ -22,12 +27,15 @@ import argparse
 import datetime as dt
 import json
 import logging
+import re
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import requests
+import yaml
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
@@ -73,8 +81,99 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--attempts", type=int, default=5, metavar="N", help="tries per request (5)")
     p.add_argument("--backoff", type=float, default=1.0, metavar="S", help="first retry delay, doubled (1)")
+    p.add_argument(
+        "--draft",
+        metavar="OPENALEX_ID",
+        help="write a skeleton curated file for this candidate (e.g. W4402351149) instead of tracking",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return p
+
+
+_STOP_WORDS = {"a", "an", "the", "of", "for", "and", "in", "on", "to", "with", "via", "towards"}
+
+
+def draft_slug(title: str, year: int | None) -> str:
+    """A slug from the first significant words of a title (``routing-free-moe-2026``)."""
+    folded = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode().lower()
+    words = [w for w in re.split(r"[^a-z0-9]+", folded) if w and w not in _STOP_WORDS]
+    stem = "-".join(words[:4]) or "work"
+    return f"{stem}-{year}" if year else stem
+
+
+def _author_name(a) -> str | None:
+    return (a.author.display_name if a.author else None) or a.raw_author_name
+
+
+def draft_text(work, today: dt.date) -> tuple[str, str]:
+    """``(slug, YAML text)`` of the skeleton for one OpenAlex work payload."""
+    title = work.title_text or ""
+    year = work.publication_year
+    slug = draft_slug(title, year)
+    ids: dict[str, str] = {"openalex": work.id}
+    doi = work.doi_bare
+    if doi and doi.startswith("10.48550/arxiv."):
+        ids["arxiv"] = doi.removeprefix("10.48550/arxiv.")
+    elif doi:
+        ids["doi"] = doi
+    doc = {
+        "slug": slug,
+        "title": title,
+        "kind": "paper",
+        "year": year or today.year,
+        **({"date": work.publication_date.isoformat()} if work.publication_date else {}),
+        "authors": [
+            name
+            for a in work.authorships
+            if (name := (a.author.display_name if a.author else None) or a.raw_author_name)
+        ],
+        "venue": "arXiv",
+        "ids": ids,
+        "provenance": "tracked",
+        "added": today.isoformat(),
+        "placements": [],
+        "notes": "",
+        "implementations": [],
+    }
+    head = (
+        f"# Draft written by scripts/track.py --draft {work.id} on {today.isoformat()} from OpenAlex.\n"
+        "# A person completes it from the paper's own pages before it joins the catalog:\n"
+        "# - check the title, the date (first release, e.g. arXiv v1), the authors (order, spelling)\n"
+        "#   and the venue ('arXiv' or '<venue> <year>' once a peer-reviewed version is confirmed);\n"
+        "# - add 'sources:' (the URL each fact was read from), 'code:' and 'pdf:' where they exist;\n"
+        "# - place it under taxonomy nodes (catalog/data/taxonomy.yaml) and write 'notes' in your own\n"
+        "#   words; then run python scripts/validate.py (it fails until 'placements' is filled).\n"
+    )
+    return slug, head + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+
+
+def write_draft(args: argparse.Namespace, client: OpenAlexClient, works) -> int:
+    key = args.draft.strip()
+    if not re.fullmatch(r"[Ww]\d+", key):
+        log.error("--draft %r: expected an OpenAlex work id such as W4402351149", key)
+        return 2
+    key = key.upper()
+    pinned = [w.slug for w in works if w.ids.openalex == key]
+    if pinned:
+        log.error("--draft %s: already in the catalog as %s", key, pinned[0])
+        return 2
+    lookup = client.get_work(key)
+    if lookup is None:
+        log.error("--draft %s: OpenAlex has no such work", key)
+        return 1
+    slug, text = draft_text(lookup.work, dt.datetime.now(dt.timezone.utc).date())
+    path = Path(args.data_dir) / "works" / f"{slug}.yaml"
+    try:
+        with open(path, "x", encoding="utf-8") as fh:  # never overwrite
+            fh.write(text)
+    except FileExistsError:
+        log.error("--draft %s: %s exists; not overwriting it", key, path)
+        return 2
+    except OSError as exc:
+        log.error("--draft %s: cannot write %s: %s", key, path, exc.strerror or exc)
+        return 2
+    print(f"wrote {path}: complete it (placements, sources, notes), then run scripts/validate.py")
+    return 0
 
 
 def markdown(result: TrackResult, since: dt.date) -> str:
@@ -134,6 +233,15 @@ def main(
         log.error("%s", exc)
         return 2
     client = OpenAlexClient(settings, session=session, sleep=sleep)
+    if args.draft:
+        try:
+            return write_draft(args, client, works)
+        except StopRun as exc:
+            log.error("%s", exc)
+            return 3
+        except RequestFailed as exc:
+            log.error("%s", exc)
+            return 1
     try:
         with tqdm(desc="catalog works tracked", unit="work", disable=None) as bar:
             result = find_candidates(

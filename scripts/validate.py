@@ -26,6 +26,7 @@ from pathlib import Path
 
 from catalog import DATA_DIR, Catalog, Problem, collect
 from catalog.export import export_counts
+from catalog.quality import report as quality_report
 
 log = logging.getLogger("validate")
 
@@ -90,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     assert cat is not None
     print_summary(cat)
+    disagreements = quality_report(cat.works, cat.fetched)
+    if disagreements:
+        print(f"data-quality report: {len(disagreements)} disagreement(s) between curated facts and OpenAlex")
+        print("  (not errors: the curated facts are what the site shows; check each against the paper)")
+        for d in disagreements:
+            print(f"  {d}")
+    else:
+        print("data-quality report: curated authors, year and venue agree with every fetched record")
     return 0
 
 

@@ -1,8 +1,11 @@
 """BibTeX entries for catalog works, keyed by the work's slug.
 
-Curated data gives the title, year, venue label and identifiers; a fetched OpenAlex record adds
-authors, the venue name and the DOI. Field values are LaTeX-escaped; titles are double-braced so
-BibTeX styles keep their capitalisation.
+Everything comes from the curated facts: authors, the published venue (``@article`` with
+``journal`` for a journal, ``@inproceedings`` with ``booktitle`` for a conference or workshop,
+``@misc`` with ``eprint`` for an arXiv-only work or a model release), the venue's year, DOI, arXiv
+id and URL. A fetched OpenAlex record only fills a DOI the curated file lacks. Field values are
+LaTeX-escaped; titles are double-braced so BibTeX styles keep their capitalisation, and an
+organisation as author is braced so that styles do not split it into first and last names.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import re
 
 from catalog import FetchedRecord, Work
+from catalog.types import CONFERENCES, JOURNALS, parse_venue
 from scripts.sitegen.text import plain
 
 _LATEX = {
@@ -25,8 +29,6 @@ _LATEX = {
     "~": r"\~{}",
 }
 _LATEX_RE = re.compile("|".join(re.escape(c) for c in _LATEX))
-_JOURNAL_RE = re.compile(r"journal|transactions|jmlr|letters|review|magazine", re.IGNORECASE)
-_PREPRINT_RE = re.compile(r"^(arxiv|github|techrxiv|openreview)\b", re.IGNORECASE)
 
 
 def latex_escape(text: str) -> str:
@@ -39,33 +41,33 @@ def verbatim(text: str) -> str:
     return re.sub(r"[{}\\\s]", "", text)
 
 
-def _venue(work: Work, rec: FetchedRecord | None) -> str | None:
-    if rec is not None and rec.venue:
-        return rec.venue
-    if work.venue and not _PREPRINT_RE.match(work.venue):
-        # The survey writes "ICML 2024"; drop the trailing year, the entry has its own.
-        return re.sub(r"\s+\d{4}$", "", work.venue)
-    return None
+def _author(name: str, work: Work) -> str:
+    text = latex_escape(name)
+    return "{" + text + "}" if work.kind == "model-release" else text
 
 
 def bibtex_entry(work: Work, rec: FetchedRecord | None) -> str:
     """One ``@type{slug, ...}`` entry."""
-    venue = _venue(work, rec)
-    fields: list[tuple[str, str]] = [("title", "{" + latex_escape(work.title) + "}")]
-    if rec is not None and rec.authors:
-        fields.append(("author", " and ".join(latex_escape(a.name) for a in rec.authors)))
-    year = rec.publication_year if rec is not None and rec.publication_year else work.year
-    fields.append(("year", str(year)))
-    if work.kind == "model-release" or venue is None:
+    fields: list[tuple[str, str]] = []
+    if work.authors:
+        fields.append(("author", " and ".join(_author(a, work) for a in work.authors)))
+    fields.append(("title", "{" + latex_escape(work.title) + "}"))
+    venue = parse_venue(work.venue) if work.venue else None
+    year = venue[1] if venue is not None else work.year
+    if venue is None:
         etype = "misc"
         if work.kind == "model-release":
             fields.append(("howpublished", "Model release"))
-    elif _JOURNAL_RE.search(venue):
-        etype = "article"
-        fields.append(("journal", latex_escape(venue)))
     else:
-        etype = "inproceedings"
-        fields.append(("booktitle", latex_escape(venue)))
+        name, _, workshop = venue
+        if name in JOURNALS:
+            etype = "article"
+            fields.append(("journal", latex_escape(JOURNALS[name])))
+        else:
+            etype = "inproceedings"
+            book = CONFERENCES[name] + (" Workshops" if workshop else "")
+            fields.append(("booktitle", latex_escape(book)))
+    fields.append(("year", str(year)))
     if work.ids.arxiv:
         fields += [("eprint", work.ids.arxiv), ("archiveprefix", "arXiv")]
     doi = work.ids.doi or (rec.doi if rec is not None else None)

@@ -7,6 +7,9 @@ under ``generated/``; the hand-written home page includes the fragments under
 
 from __future__ import annotations
 
+import hashlib
+import re
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -21,6 +24,23 @@ ROUTERS_INDEX = f"{GEN}/routers/index.md"
 BIB = f"{GEN}/downloads/moe-atlas.bib"
 JSON_EXPORT = f"{GEN}/downloads/moe-atlas.json"
 PARTIALS = f"{GEN}/_partials"
+AUTHORS = f"{GEN}/authors.md"
+WHATS_NEW = f"{GEN}/whats-new.md"
+TRACKING = f"{GEN}/tracking.md"
+FEED = f"{GEN}/feed.xml"
+
+
+def author_anchor(name: str) -> str:
+    """A stable HTML id for an author on the authors page (ASCII letters, digits and hyphens)."""
+    folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
+    words = re.sub(r"[^a-z0-9]+", "-", folded).strip("-") or "author"
+    return f"author-{words}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+
+
+def author_sort_key(name: str) -> tuple[str, str]:
+    """Sort authors by family name (the last word), then by the whole name."""
+    folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().casefold()
+    return (folded.split()[-1] if folded.split() else folded, folded)
 
 
 def work_doc(slug: str) -> str:

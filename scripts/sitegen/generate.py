@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,18 @@ from catalog import Catalog
 from catalog.export import export_catalog
 from scripts.sitegen.bibtex import bibliography, bibtex_entry
 from scripts.sitegen.context import (
+    AUTHORS,
     BIB,
     CATALOG,
     ERRATA,
+    FEED,
     GEN,
     HOME,
     JSON_EXPORT,
     PARTIALS,
     ROUTERS_INDEX,
+    TRACKING,
+    WHATS_NEW,
     SiteContext,
     family_doc,
     node_doc,
@@ -42,6 +45,7 @@ from scripts.sitegen.pages_catalog import (
     node_page,
     taxonomy_nav,
 )
+from scripts.sitegen.pages_people import atom_feed, authors_page, read_tracking, tracking_page, whats_new_page
 from scripts.sitegen.pages_routers import family_page, routers_index
 from scripts.sitegen.pages_works import work_page
 from scripts.sitegen.routers import MeasureSetup, RouterFamily
@@ -65,16 +69,23 @@ def _newest_fetch(cat: Catalog) -> dt.datetime:
     return max(times) if times else dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def _clear(out: Path) -> None:
-    """Empty the output folder, refusing to touch a non-empty folder this generator did not write."""
-    if out.exists():
-        if any(out.iterdir()) and not (out / MARKER).exists():
-            raise FileExistsError(
-                f"{out} is not empty and was not written by the site generator; not clearing it"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("Written by scripts/sitegen; every file here is regenerated on each build.\n")
+def _claim(out: Path) -> None:
+    """Make sure the output folder is the generator's, refusing a non-empty folder it did not write."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise FileExistsError(f"{out} is not empty and was not written by the site generator; not using it")
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    if not marker.exists():
+        marker.write_text("Written by scripts/sitegen; every file here is regenerated on each build.\n")
+
+
+def _prune(out: Path, keep: set[Path]) -> None:
+    """Remove files (and then empty folders) of an earlier run that this run did not write."""
+    for path in sorted(out.rglob("*"), reverse=True):
+        if path.is_file() and path not in keep and path.name != MARKER:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def generate(
@@ -85,16 +96,20 @@ def generate(
     setup: MeasureSetup | None = None,
     now: dt.datetime | None = None,
     progress: bool = False,
+    site_url: str = "http://127.0.0.1:8000/",
 ) -> GeneratedSite:
     """Write the generated part of the site into ``docs_dir/generated``; return files and nav.
 
     ``now`` stamps the JSON export and dates the freshness note on the home page; leave it out
-    for output that depends on the catalog alone.
+    for output that depends on the catalog alone. ``site_url`` makes the Atom feed's links
+    absolute. A file whose content is unchanged is not rewritten and files of an earlier run that
+    this one does not write are removed, so ``mkdocs serve`` (which watches the docs folder) sees
+    only real changes and does not rebuild in a loop.
     """
     docs_dir = Path(docs_dir)
     ctx = SiteContext.build(cat, list(families or []), set(tested_routers or ()))
     setup = setup or MeasureSetup()
-    _clear(docs_dir / GEN)
+    _claim(docs_dir / GEN)
     written: list[str] = []
     folders: set[Path] = set()
 
@@ -103,7 +118,9 @@ def generate(
         if path.parent not in folders:
             path.parent.mkdir(parents=True, exist_ok=True)
             folders.add(path.parent)
-        path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        data = (text if text.endswith("\n") else text + "\n").encode("utf-8")
+        if not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)
         written.append(rel_path)
 
     write(f"{PARTIALS}/home-counts.md", home_counts(ctx, now.date() if now else None))
@@ -126,14 +143,23 @@ def generate(
     write(ROUTERS_INDEX, routers_index(ctx))
     for fam in ctx.families:
         write(family_doc(fam.name), family_page(ctx, fam, setup))
+    write(AUTHORS, authors_page(ctx))
+    write(WHATS_NEW, whats_new_page(ctx))
+    write(FEED, atom_feed(ctx, site_url))
+    report = read_tracking(cat.data_dir)
+    if report is not None:
+        write(TRACKING, tracking_page(ctx, report))
+    _prune(docs_dir / GEN, {docs_dir / f for f in written})
 
     (root_entry,) = taxonomy_nav(ctx, cat.taxonomy.root.id).values()
     nav = [
         {"Home": HOME},
         {"Taxonomy": root_entry if isinstance(root_entry, list) else [root_entry]},
-        {"Catalog": CATALOG},
+        {"Catalog": [CATALOG, {"Authors": AUTHORS}, {"What's new": WHATS_NEW}]},
         {"Routers": [ROUTERS_INDEX, *({f.name: family_doc(f.name)} for f in ctx.families)]},
         {"Errata": ERRATA},
     ]
+    if report is not None:
+        nav[2]["Catalog"].append({"Tracking": TRACKING})
     log.info("generated %d files under %s", len(written), docs_dir / GEN)
     return GeneratedSite(docs_dir / GEN, written, nav)

@@ -18,7 +18,6 @@ from scripts.sitegen.context import (
     node_doc,
     work_doc,
 )
-from scripts.sitegen.pages_works import crumbs
 from scripts.sitegen.svg import year_chart
 from scripts.sitegen.text import h, href, md, rel
 
@@ -33,20 +32,25 @@ def _cites(ctx: SiteContext, slug: str) -> str:
 
 
 def _code_cell(ctx: SiteContext, from_doc: str, work: Work) -> str:
-    fams = ctx.families_of(work)
-    return " ".join(f"[`{f}`]({rel(from_doc, family_doc(f))})" for f in fams)
+    links = [f"[code]({work.code})"] if work.code else []
+    links += [f"[`{f}`]({rel(from_doc, family_doc(f))})" for f in ctx.families_of(work)]
+    return " ".join(links)
 
 
 def works_table(ctx: SiteContext, from_doc: str, works: list[Work]) -> list[str]:
-    rows = ["| Year | Name | Title | Venue | Citations | Code |", "|---:|---|---|---|---:|---|"]
+    rows = [
+        '<div class="atlas-works" markdown="1">',
+        "",
+        "| Year | Name | Title | Venue | Citations | Code |",
+        "|---:|---|---|---|---:|---|",
+    ]
     for w in sorted(works, key=lambda w: w.sort_key):
-        rec = ctx.rec(w.slug)
-        venue = (rec.venue if rec is not None and rec.venue else None) or w.venue or ""
+        venue = w.venue or ("model release" if w.kind == "model-release" else "")
         rows.append(
             f"| {w.year} | {md(w.short_name or '')} | [{md(w.title)}]({rel(from_doc, work_doc(w.slug))}) "
             f"| {md(venue)} | {_cites(ctx, w.slug)} | {_code_cell(ctx, from_doc, w)} |"
         )
-    return rows
+    return [*rows, "", "</div>"]
 
 
 def _tree_lines(ctx: SiteContext, from_doc: str, node_id: str, depth: int = 0) -> list[str]:
@@ -65,9 +69,8 @@ def _tree_lines(ctx: SiteContext, from_doc: str, node_id: str, depth: int = 0) -
 def node_page(ctx: SiteContext, node: TaxonomyNode) -> str:
     doc = node_doc(node)
     tax = ctx.cat.taxonomy
+    # the breadcrumb above the title is Material's (navigation.path); the page adds none of its own
     out = [f"# {md(node.title)}", ""]
-    if node.parent is not None:
-        out += [f'<div class="atlas-crumbs" markdown>{crumbs(ctx, doc, node.id, link_last=False)}</div>', ""]
     if node.extension:
         out += [
             '!!! info "Extension node"',
@@ -115,7 +118,7 @@ def catalog_page(ctx: SiteContext) -> str:
         "",
         '<div class="atlas-table-tools">',
         '<input type="search" id="atlas-filter" aria-label="Filter the catalog"'
-        ' placeholder="Filter: title, name, venue, year, node, arXiv id">',
+        ' placeholder="Filter: title, author, venue, year, node, arXiv id">',
         '<select id="atlas-branch" aria-label="Branch">',
         '<option value="">All branches</option>',
     ]
@@ -130,6 +133,7 @@ def catalog_page(ctx: SiteContext) -> str:
         '<th data-type="number" aria-sort="ascending">Year</th>'
         '<th data-type="text">Name</th>'
         '<th data-type="text">Title</th>'
+        '<th data-type="text">Authors</th>'
         '<th data-type="text">Venue</th>'
         '<th data-type="number">Citations</th>'
         '<th data-type="text">Taxonomy</th>'
@@ -138,26 +142,35 @@ def catalog_page(ctx: SiteContext) -> str:
         "<tbody>",
     ]
     for i, w in enumerate(ctx.cat.works):
-        rec = ctx.rec(w.slug)
-        venue = (rec.venue if rec is not None and rec.venue else None) or w.venue or ""
+        venue = w.venue or ("model release" if w.kind == "model-release" else "")
         cites = ctx.citations(w.slug)
+        # works without a count sort after every counted work, in either direction
         cites_cell = (
-            f'<td data-value="{cites}">{cites:,}</td>' if cites is not None else '<td data-value="-1">—</td>'
+            f'<td data-label="Citations" data-value="{cites}">{cites:,}</td>'
+            if cites is not None
+            else '<td data-label="Citations" data-missing="1">—</td>'
         )
         nodes = ", ".join(tax[n].title for n in w.placements)
-        fams = ctx.families_of(w)
-        code = " ".join(f'<a href="{h(href(doc, family_doc(f)))}">{h(f)}</a>' for f in fams)
-        extra = " ".join(filter(None, [w.slug, w.ids.arxiv or "", w.ids.doi or ""]))
+        shown = ", ".join(w.authors[:3]) + (f" and {len(w.authors) - 3} more" if len(w.authors) > 3 else "")
+        code = []
+        if w.code:
+            code.append(f'<a href="{h(w.code)}" title="official code">code</a>')
+        code += [
+            f'<a href="{h(href(doc, family_doc(f)))}" title="MoE Atlas router">{h(f)}</a>'
+            for f in ctx.families_of(w)
+        ]
+        extra = " ".join(filter(None, [w.slug, w.ids.arxiv or "", w.ids.doi or "", *w.authors]))
         branch_ids = " ".join(b.id for b in ctx.branches(w))
         out.append(
             f'<tr data-branches="{h(branch_ids)}" data-extra="{h(extra)}">'
-            f'<td data-value="{w.year}.{i:05d}">{w.year}</td>'
-            f"<td>{h(w.short_name or '')}</td>"
-            f'<td><a href="{h(href(doc, work_doc(w.slug)))}">{h(w.title)}</a></td>'
-            f"<td>{h(venue)}</td>"
+            f'<td data-label="Year" data-value="{w.year}.{i:05d}">{w.year}</td>'
+            f'<td data-label="Name">{h(w.short_name or "")}</td>'
+            f'<td data-label="Title"><a href="{h(href(doc, work_doc(w.slug)))}">{h(w.title)}</a></td>'
+            f'<td data-label="Authors">{h(shown)}</td>'
+            f'<td data-label="Venue">{h(venue)}</td>'
             f"{cites_cell}"
-            f"<td>{h(nodes)}</td>"
-            f"<td>{code}</td></tr>"
+            f'<td data-label="Taxonomy">{h(nodes)}</td>'
+            f'<td data-label="Code">{" ".join(code)}</td></tr>'
         )
     out += ["</tbody>", "</table>", ""]
     return "\n".join(out)
@@ -185,10 +198,11 @@ def errata_page(ctx: SiteContext) -> str:
             f"[{md(w.title)}]({rel(doc, work_doc(w.slug))}){ref}",
             "",
         ]
+        out += ['<div class="atlas-errata" markdown="1">', ""]
         out += ["| Field | The survey says | MoE Atlas records | Why |", "|---|---|---|---|"]
         for e in w.errata:
             out.append(f"| {e.field} | {md(e.survey_says)} | {md(e.corrected)} | {md(e.reason)} |")
-        out.append("")
+        out += ["", "</div>", ""]
     return "\n".join(out)
 
 

@@ -74,7 +74,9 @@ def routers_index(ctx: SiteContext) -> str:
 
 def _measure_table(fam: RouterFamily) -> list[str]:
     rows = [
-        "| Name | E | Max/mean load | Load per expert | Dropped | Experts / token | Confidence | ms |",
+        '<div class="atlas-measure" markdown="1">',
+        "",
+        "| Name | E | Max/ mean | Load per expert | Dropped | Experts/ token | Confi- dence | ms |",
         "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     failed: list[Measurement] = []
@@ -84,11 +86,11 @@ def _measure_table(fam: RouterFamily) -> list[str]:
             continue
         rows.append(
             f"| `{m.name}`{'' if m.kind == 'router' else ' (preset)'} | {m.num_experts} "
-            f"| {_fmt(m.load_max_over_mean)} | {load_bars(list(m.load), width=120)} "
+            f"| {_fmt(m.load_max_over_mean)} | {load_bars(list(m.load), width=90)} "
             f"| {m.fraction_dropped:.1%} | {_fmt(m.experts_per_token)} | {_fmt(m.router_confidence, 3)} "
             f"| {_fmt(m.forward_ms)} |"
         )
-    out = [*rows, ""]
+    out = [*rows, "", "</div>", ""]
     for m in failed:
         out += [f'!!! failure "`{m.name}` could not be measured"', "", f"    {md(m.error or '')}", ""]
     return out

@@ -6,9 +6,17 @@ import posixpath
 
 from catalog import Work
 from scripts.sitegen.bibtex import bibtex_entry
-from scripts.sitegen.context import ERRATA, SiteContext, family_doc, node_doc, work_doc
+from scripts.sitegen.context import (
+    AUTHORS,
+    ERRATA,
+    SiteContext,
+    author_anchor,
+    family_doc,
+    node_doc,
+    work_doc,
+)
 from scripts.sitegen.svg import sparkline
-from scripts.sitegen.text import excerpt, fence, h, md, rel
+from scripts.sitegen.text import excerpt, fence, h, href, md, rel
 
 ABSTRACT_CHARS = 300
 
@@ -55,25 +63,51 @@ def _crumbs(ctx: SiteContext, from_doc: str, node_id: str, link_last: bool) -> s
     return " › ".join(parts)
 
 
+def _missing(work: Work, fact: str, default: str) -> str:
+    why = work.unverified.get(fact)  # type: ignore[call-overload]
+    text = f"not verified: {why}" if why else default
+    return f'<span class="atlas-missing">{h(text)}</span>'
+
+
+def _venue_text(work: Work) -> str:
+    if work.kind == "model-release":
+        return "model release (no paper)"
+    if work.venue is None:
+        return _missing(work, "venue", "not verified")
+    text = h(work.venue)
+    if work.venue == "arXiv":
+        text += " (no peer-reviewed version known)"
+    if work.survey_venue and work.survey_venue != work.venue:
+        text += f' <span class="atlas-aside">(the survey says {h(work.survey_venue)})</span>'
+    return text
+
+
 def _meta_rows(ctx: SiteContext, work: Work) -> list[tuple[str, str]]:
     """Label and HTML value of each metadata row."""
     rec = ctx.rec(work.slug)
     rows: list[tuple[str, str]] = []
-    if rec is not None and rec.authors:
-        rows.append(("Authors", h(", ".join(a.name for a in rec.authors))))
-    elif rec is None:
-        rows.append(("Authors", '<span class="atlas-missing">not yet fetched from OpenAlex</span>'))
-    venue = (rec.venue if rec is not None and rec.venue else None) or work.venue
-    if venue:
-        rows.append(("Venue", h(venue)))
+    label = "Organisation" if work.kind == "model-release" else "Authors"
+    if work.authors:
+        to_index = href(work_doc(work.slug), AUTHORS)
+        links = [f'<a href="{h(to_index)}#{author_anchor(a)}">{h(a)}</a>' for a in work.authors]
+        rows.append((label, ", ".join(links)))
+    else:
+        rows.append((label, _missing(work, "authors", "not verified")))
+    rows.append(("Venue", _venue_text(work)))
     when = str(work.year)
     if work.date:
-        when += f" (survey date {h(work.date)})"
+        when += f" (first released {h(work.date)})"
     if rec is not None and rec.publication_date:
-        when += f", published {rec.publication_date.isoformat()}"
+        when += f", published {rec.publication_date.isoformat()} (OpenAlex)"
     rows.append(("Year", when))
-    if work.kind == "model-release":
-        rows.append(("Kind", "model release (no paper)"))
+    if work.code:
+        rows.append(("Code", f'<a href="{h(work.code)}">{h(str(work.code).removeprefix("https://"))}</a>'))
+    else:
+        rows.append(("Code", _missing(work, "code", "no official code known")))
+    if work.pdf:
+        rows.append(("PDF", f'<a href="{h(work.pdf)}">{h(str(work.pdf).removeprefix("https://"))}</a>'))
+    else:
+        rows.append(("PDF", _missing(work, "pdf", "no public PDF known")))
     doi = work.ids.doi or (rec.doi if rec is not None else None)
     links = external_links(work, doi)
     if links:
@@ -100,13 +134,47 @@ def _meta_rows(ctx: SiteContext, work: Work) -> list[tuple[str, str]]:
             fetched += f"; OpenAlex last changed the record on {rec.updated_date.date().isoformat()}"
         rows.append(("Data", fetched))
         if rec.primary_topic is not None:
-            rows.append(("Topic", h(rec.primary_topic.name)))
+            rows.append(
+                (
+                    "OpenAlex topic",
+                    f"{h(rec.primary_topic.name)} "
+                    '<span class="atlas-aside">(assigned automatically by OpenAlex, not by MoE Atlas)</span>',
+                )
+            )
         if rec.is_retracted:
             rows.append(("Status", '<span class="atlas-badge atlas-badge--alert">retracted</span>'))
     else:
-        rows.append(("Citations", '<span class="atlas-missing">unknown</span>'))
+        rows.append(
+            ("Citations", '<span class="atlas-missing">unknown (not yet fetched from OpenAlex)</span>')
+        )
         rows.append(("Data", '<span class="atlas-missing">not yet fetched from OpenAlex</span>'))
     return rows
+
+
+FACT_LABELS = {
+    "title": "Title",
+    "authors": "Authors",
+    "venue": "Venue",
+    "doi": "DOI",
+    "arxiv": "arXiv id",
+    "code": "Code",
+    "pdf": "PDF",
+    "date": "Date",
+}
+
+
+def _sources(work: Work) -> list[str]:
+    """Where each curated fact was read, what to know about it, and why any is missing."""
+    if not (work.sources or work.caveats or work.unverified):
+        return []
+    out = ["## Sources", "", "Each fact above was read from a public page:", ""]
+    for fact, url in work.sources.items():
+        out.append(f"- {FACT_LABELS[fact]}: [{md(str(url))}]({url})")
+    for fact, why in work.caveats.items():
+        out.append(f"- {FACT_LABELS[fact]}, note: {md(why)}")
+    for fact, why in work.unverified.items():
+        out.append(f"- {FACT_LABELS[fact]}: not verified — {md(why)}")
+    return [*out, ""]
 
 
 def work_page(ctx: SiteContext, work: Work) -> str:
@@ -117,7 +185,7 @@ def work_page(ctx: SiteContext, work: Work) -> str:
         out += [f'<p class="atlas-subtitle">{h(work.short_name)}</p>', ""]
     out.append('<dl class="atlas-meta">')
     for label, value in _meta_rows(ctx, work):
-        out.append(f"<dt>{label}</dt><dd>{value}</dd>")
+        out.append(f"<dt>{label}</dt>\n<dd>{value}</dd>")  # white space keeps search previews readable
     out += ["</dl>", ""]
 
     if rec is not None and rec.abstract:
@@ -125,6 +193,7 @@ def work_page(ctx: SiteContext, work: Work) -> str:
         out += ["Only an excerpt is shown; follow the identifiers above for the full text.", ""]
     if work.notes:
         out += ["## Notes", "", md(work.notes), ""]
+    out += _sources(work)
     if work.tags:
         out += ["Tags: " + ", ".join(f"`{t}`" for t in work.tags), ""]
 
@@ -176,7 +245,9 @@ def work_page(ctx: SiteContext, work: Work) -> str:
 
     out += ["## Within the catalog", ""]
     if rec is None:
-        out += ["References: not yet known (the work has not been fetched from OpenAlex).", ""]
+        out += ["References: not known yet (the work has not been fetched from OpenAlex).", ""]
+    elif not rec.referenced_works:
+        out += ["References: not known yet (OpenAlex lists no references for this work).", ""]
     elif rec.referenced_in_catalog:
         out += (
             ["This work cites:", ""]

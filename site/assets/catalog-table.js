@@ -1,11 +1,13 @@
 /* Sort and filter the catalog table (table.atlas-table) in the browser.
-   Click a column heading to sort (again to reverse); the filter box matches every cell plus the
-   row's slug, arXiv id and DOI; the branch menu keeps works under one taxonomy branch. */
+   Click a column heading to sort (again to reverse); cells marked data-missing (a work without a
+   citation count) always sort last. The filter box matches every cell plus the row's slug, arXiv
+   id, DOI and every author; the branch menu keeps works under one taxonomy branch. */
 (function () {
   "use strict";
 
   function cellValue(row, index, type) {
     var cell = row.cells[index];
+    if (cell.dataset.missing !== undefined) return null;  // no value: sorts last either way
     var raw = cell.dataset.value !== undefined ? cell.dataset.value : cell.textContent;
     if (type === "number") {
       var n = parseFloat(raw);
@@ -23,6 +25,10 @@
     var rows = Array.prototype.slice.call(body.rows);
     var keyed = rows.map(function (row, i) { return [cellValue(row, index, type), i, row]; });
     keyed.sort(function (a, b) {
+      if (a[0] === null || b[0] === null) {
+        if (a[0] === b[0]) return a[1] - b[1];
+        return a[0] === null ? 1 : -1;
+      }
       if (a[0] < b[0]) return ascending ? -1 : 1;
       if (a[0] > b[0]) return ascending ? 1 : -1;
       return a[1] - b[1];

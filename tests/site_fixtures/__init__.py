@@ -68,7 +68,9 @@ WORKS = [
         ["token-choice", "nlp"],
         short_name="Shazeer et al.",
         date="2017-1-23",
+        authors=["Noam Shazeer", "Azalia Mirhoseini", "Krzysztof Maziarz"],
         venue="ICLR 2017",
+        unverified={"code": "No official repository is named."},
         survey_ref=1,
         ids={"arxiv": "1701.06538"},
     ),
@@ -79,7 +81,16 @@ WORKS = [
         ["token-choice", "nlp"],
         short_name="Switch Transformer",
         date="2021-1-11",
+        authors=["William Fedus", "Barret Zoph", "Noam Shazeer"],
         venue="JMLR 2022",
+        survey_venue="ArXiv 2022",
+        code="https://github.com/google-research/t5x",
+        pdf="https://arxiv.org/pdf/2101.03961",
+        sources={
+            "authors": "https://arxiv.org/abs/2101.03961",
+            "venue": "https://jmlr.org/papers/v23/21-0998.html",
+            "code": "https://github.com/google-research/t5x",
+        },
         survey_ref=5,
         ids={"arxiv": "2101.03961"},
         errata=[
@@ -113,7 +124,15 @@ WORKS = [
     _work(
         "fastmoe", "FastMoE: A Fast Mixture-of-Expert Training System", 2021, ["computation"], survey_ref=7
     ),
-    _work("dbrx", "DBRX", 2024, ["nlp"], kind="model-release", provenance="survey-unnumbered"),
+    _work(
+        "dbrx",
+        "DBRX",
+        2024,
+        ["nlp"],
+        kind="model-release",
+        provenance="survey-unnumbered",
+        authors=["Databricks"],
+    ),
 ]
 
 XSS_WORK = _work(
