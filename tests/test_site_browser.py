@@ -251,3 +251,82 @@ def test_injected_title_shows_as_text_and_runs_no_script(page, xss_url):
     assert p.evaluate("typeof window.__xss") == "undefined"
     assert page.dialogs == []
     assert page.problems == []
+
+
+# ---------------------------------------------------------------------------- layout
+
+LAYOUT_PAGES = (
+    "generated/routers/sinkhorn/",
+    "generated/taxonomy/token-choice/",
+    "generated/errata/",
+    "generated/catalog/",
+    "generated/works/switch-transformer/",
+    "generated/authors/",
+)
+VIEWPORTS = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
+LAYOUT_CHECK = """
+() => {
+  const bad = [];
+  const root = document.scrollingElement;
+  if (root.scrollWidth > root.clientWidth + 1)
+    bad.push(`the page scrolls sideways: ${root.scrollWidth} > ${root.clientWidth}`);
+  for (const t of document.querySelectorAll('.md-content table:not(.highlighttable)')) {
+    if (t.closest('.highlight, .doc-contents')) continue;
+    const box = t.closest('.md-typeset__scrollwrap') || t.parentElement;
+    const width = t.getBoundingClientRect().width;
+    if (width > box.clientWidth + 1) bad.push(`a table is ${width}px wide in a ${box.clientWidth}px box`);
+    for (const c of t.querySelectorAll('td, th')) {
+      const r = c.getBoundingClientRect();
+      if (r.width === 0) continue;  // a filtered-out row
+      const text = c.textContent.trim().replace(/\\s+/g, ' ');
+      const what = text.slice(0, 50);
+      const [sw, cw] = [c.scrollWidth, c.clientWidth];
+      if (sw > cw + 1) bad.push(`clipped (${sw} > ${cw}): ${what}`);
+      if (text.length > 30 && r.width < 90) bad.push(`a ${Math.round(r.width)}px cell squeezes: ${what}`);
+    }
+  }
+  return bad;
+}
+"""
+
+
+@pytest.mark.parametrize("viewport", sorted(VIEWPORTS))
+def test_no_table_cell_is_clipped_and_no_overflow_hides_content(browser, real_url, viewport):
+    context = browser.new_context(viewport=VIEWPORTS[viewport])
+    try:
+        page = context.new_page()
+        problems = {}
+        for path in LAYOUT_PAGES:
+            page.goto(real_url + path, wait_until="networkidle")
+            found = page.evaluate(LAYOUT_CHECK)
+            if found:
+                problems[path] = found[:5]
+            shot(page, f"layout-{viewport}-{path.strip('/').replace('/', '-')}")
+        assert problems == {}
+    finally:
+        context.close()
+
+
+def test_a_taxonomy_page_has_one_breadcrumb(page, real_url):
+    page.page.goto(real_url + "generated/taxonomy/token-choice/", wait_until="networkidle")
+    assert page.page.locator("nav.md-path").count() == 1
+    assert page.page.locator(".atlas-crumbs").count() == 0
+
+
+def test_search_finds_works_by_curated_author_with_readable_previews(page, real_url):
+    page.page.goto(real_url, wait_until="networkidle")
+    texts = search(page.page, "Fedus").all_inner_texts()
+    assert any("Switch Transformers" in t for t in texts), texts
+    assert not any("AuthorsWilliam" in t.replace("\n", "") for t in texts), texts
+
+
+def test_work_page_shows_the_curated_bibliography(page, real_url):
+    page.page.goto(real_url + "generated/works/switch-transformer/", wait_until="networkidle")
+    meta = page.page.locator("dl.atlas-meta").inner_text()
+    assert "William Fedus" in meta and "JMLR 2022" in meta and "github.com/google-research/t5x" in meta
+    assert page.page.locator("h2#sources").count() == 1
+    page.page.locator("dl.atlas-meta a", has_text="Barret Zoph").click()
+    page.page.wait_for_load_state("networkidle")
+    assert page.page.url.split("#")[0].endswith("/generated/authors/")
+    assert page.page.locator(":target", has_text="Barret Zoph").count() == 1
+    assert page.problems == []

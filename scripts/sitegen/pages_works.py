@@ -72,13 +72,14 @@ def _missing(work: Work, fact: str, default: str) -> str:
 def _venue_text(work: Work) -> str:
     if work.kind == "model-release":
         return "model release (no paper)"
+    survey = f' <span class="atlas-aside">(the survey says {h(work.survey_venue)})</span>'
     if work.venue is None:
-        return _missing(work, "venue", "not verified")
+        return _missing(work, "venue", "not verified") + (survey if work.survey_venue else "")
     text = h(work.venue)
     if work.venue == "arXiv":
         text += " (no peer-reviewed version known)"
     if work.survey_venue and work.survey_venue != work.venue:
-        text += f' <span class="atlas-aside">(the survey says {h(work.survey_venue)})</span>'
+        text += survey
     return text
 
 
