@@ -15,10 +15,11 @@ itself) is left alone. Environment:
 
 from __future__ import annotations
 
-import datetime as dt
+import hashlib
 import logging
 import os
 import sys
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,23 @@ def _fresh_imports() -> None:
     for name in list(sys.modules):
         if name.split(".")[0] in ("catalog", "impls") or name.startswith("scripts.sitegen"):
             del sys.modules[name]
+
+
+def _families(discover, measure: bool):
+    """The router families, measured again only when a router source changed.
+
+    Measured times differ from run to run; re-measuring on every rebuild would change the router
+    pages every time and make ``mkdocs serve`` rebuild in a loop. The cache lives in a module of
+    its own, since MkDocs loads this hook file afresh for every rebuild.
+    """
+    cache = sys.modules.setdefault("_moe_atlas_hook_cache", types.ModuleType("_moe_atlas_hook_cache"))
+    digest = hashlib.sha256(str(measure).encode())
+    for path in sorted((ROOT / "impls").rglob("*.py")):
+        digest.update(path.read_bytes())
+    key = digest.hexdigest()
+    if getattr(cache, "key", None) != key:
+        cache.families, cache.key = discover(measure=measure), key
+    return cache.families
 
 
 def on_config(config):
@@ -54,14 +72,15 @@ def on_config(config):
     except catalog.CatalogError as exc:
         raise PluginError(f"cannot build the site: {exc}") from None
     measure = os.environ.get("MOE_ATLAS_MEASURE", "1") != "0"
-    families = discover(measure=measure)
-    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    families = _families(discover, measure)
+    # No clock in the output: a page that changed on every build would make `mkdocs serve`
+    # (which watches the docs folder) rebuild forever. The JSON export is stamped with the
+    # newest fetch instead.
     generated = generate(
         cat,
         Path(config.docs_dir),
         families,
         tested_routers(families, ROOT / "tests"),
-        now=now,
         site_url=config.site_url or "http://127.0.0.1:8000/",
     )
     config.nav = generated.nav

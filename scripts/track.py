@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from catalog.errors import CatalogError
 from catalog.fetched_store import write_atomic
-from catalog.loader import DATA_DIR
+from catalog.loader import DATA_DIR, read_works
 from catalog.openalex import Backoff, ConfigError, OpenAlexClient, RequestFailed, Settings, StopRun
 from catalog.refresh import load_fetched, load_works
 from catalog.track import TrackResult, find_candidates
@@ -224,7 +224,8 @@ def main(
     logging.getLogger("pyalex").setLevel(logging.INFO)
     since = args.since or (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=args.days))
     try:
-        works = load_works(args.data_dir)
+        # a draft needs only the pinned ids, and an unfinished draft must not block the next one
+        works = list(read_works(args.data_dir, []).values()) if args.draft else load_works(args.data_dir)
         fetched = load_fetched(args.data_dir)
         settings = Settings.from_env(
             timeout=args.timeout, backoff=Backoff(attempts=args.attempts, base=args.backoff)
