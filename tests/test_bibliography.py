@@ -290,3 +290,30 @@ def test_mkdocs_serve_rebuilds_when_a_curated_file_changes(tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_a_tracking_report_becomes_a_page_in_the_navigation(tmp_path, data_copy):
+    import json
+
+    from scripts.sitegen.generate import generate
+
+    report = {
+        "since": "2026-09-01",
+        "tracked_works": 120,
+        "citing_works_seen": 7,
+        "untracked": [],
+        "candidates": [
+            {"openalex_id": "W9", "title": "A Router <b>Study</b>", "publication_date": "2026-10-02",
+             "cites": ["switch-transformer"], "authors": ["Ann Other"], "doi": None, "venue": None,
+             "cited_by_count": 0}
+        ],
+    }  # fmt: skip
+    (data_copy / "tracking.json").write_text(json.dumps(report), encoding="utf-8")
+    result = generate(catalog.load(data_copy), tmp_path / "docs")
+    assert {"Tracking": "generated/tracking.md"} in result.nav[2]["Catalog"]
+    page = (tmp_path / "docs" / "generated" / "tracking.md").read_text(encoding="utf-8")
+    assert "A Router &lt;b&gt;Study&lt;/b&gt;" in page and "(works/switch-transformer.md)" in page
+    (data_copy / "tracking.json").unlink()
+    result = generate(catalog.load(data_copy), tmp_path / "docs")
+    assert not (tmp_path / "docs" / "generated" / "tracking.md").exists()  # removed with its report
+    assert all("Tracking" not in entry for entry in result.nav[2]["Catalog"][1:])

@@ -25,3 +25,15 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = [line.strip() for line in ci.splitlines() if line.strip() and not line.startswith("#")]
     assert commands[-1] == "make test"
     assert "make test    # run the whole test suite" in README.read_text(encoding="utf-8")
+
+
+def test_the_readme_work_example_is_a_valid_curated_work() -> None:
+    import yaml
+
+    from catalog.models import Work
+
+    (block,) = [
+        b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.S) if "slug:" in b
+    ]
+    work = Work.model_validate(yaml.safe_load(block))
+    assert work.authors and work.venue == "arXiv" and set(work.sources) >= {"title", "authors", "code"}

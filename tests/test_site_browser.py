@@ -234,6 +234,16 @@ def test_catalog_table_sorts_and_filters(page, real_url):
     assert all(
         "system" in (b or "").split() for b in rows.evaluate_all("rs => rs.map(r => r.dataset.branches)")
     )
+    p.locator("#atlas-branch").select_option("")
+    p.locator("#atlas-filter").fill("Fedus")  # ST-MoE's eighth author: not in the cell, still found
+    titles = column(3)
+    assert any("Switch Transformers" in t for t in titles) and any("ST-MoE" in t for t in titles), titles
+    p.locator("#atlas-filter").fill("")
+    for _ in range(2):  # ascending, then descending: works without a count stay last both times
+        p.locator("#atlas-catalog th", has_text="Citations").click()
+        cites = column(6)
+        counted = [c for c in cites if c != "—"]
+        assert cites[: len(counted)] == counted and all(c == "—" for c in cites[len(counted) :])
     assert page.problems == []
 
 
