@@ -124,7 +124,14 @@ def test_every_work_has_authors_a_venue_and_notes(real_catalog):
             assert w.venue is None and len(w.authors) == 1, w.slug
         else:
             assert w.venue is not None, w.slug
-        assert w.sources.get("authors") or w.kind == "model-release", w.slug
+        given = {
+            "title": w.title, "authors": w.authors, "venue": w.venue, "doi": w.ids.doi,
+            "arxiv": w.ids.arxiv, "code": w.code, "pdf": w.pdf, "date": w.date,
+        }  # fmt: skip
+        for fact, value in given.items():
+            assert not value or fact in w.sources, f"{w.slug}: {fact} has no source"
+        for fact in ("code", "pdf"):
+            assert given[fact] or fact in w.unverified, f"{w.slug}: no {fact} and no reason"
 
 
 def test_titles_are_as_printed_and_dates_zero_padded(real_catalog):
