@@ -141,7 +141,7 @@ def read_checked(data_dir: Path) -> dict[str, dt.datetime]:
         return {}
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         log.warning("%s: unreadable (%s); treating every work as never checked", path, exc)
         return {}
     if not isinstance(raw, dict):

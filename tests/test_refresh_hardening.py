@@ -500,3 +500,13 @@ def test_bidirectional_overrides_from_fetched_data_are_neutralised():
     for out in (h(evil), md(evil), code(evil), excerpt(evil)):
         assert not any(ch in out for ch in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
         assert "gnp.exe" in out
+
+
+def test_an_unreadable_checked_file_is_a_warning_not_a_traceback(
+    tmp_path, fake_openalex, openalex_url, caplog
+):
+    data = pinned_catalog(tmp_path, fake_openalex, 2)
+    assert refresh(data) == 0
+    (data / "fetched" / "checked.yaml").write_bytes(b"work-1000: '\xff\xfe'\n")
+    assert refresh(data, "--older-than", "1") == 0
+    assert "checked.yaml: unreadable" in caplog.text
