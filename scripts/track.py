@@ -234,16 +234,9 @@ def main(
         log.error("%s", exc)
         return 2
     client = OpenAlexClient(settings, session=session, sleep=sleep)
-    if args.draft:
-        try:
-            return write_draft(args, client, works)
-        except StopRun as exc:
-            log.error("%s", exc)
-            return 3
-        except RequestFailed as exc:
-            log.error("%s", exc)
-            return 1
     try:
+        if args.draft:
+            return write_draft(args, client, works)
         with tqdm(desc="catalog works tracked", unit="work", disable=None) as bar:
             result = find_candidates(
                 client,

@@ -424,24 +424,31 @@ def test_records_get_0644_or_the_mode_of_the_file_they_replace(tmp_path, fake_op
         os.umask(old_mask)
 
 
+def every_reader(data: Path, cwd: Path):
+    """``(script, output)`` of validate, a dry-run refresh and a site build on ``data``; each must
+    fail with status 1 or 2 and no traceback."""
+    for script, args in (
+        ("validate.py", ["--no-imports", "--data-dir", str(data)]),
+        ("refresh.py", ["--dry-run", "--data-dir", str(data)]),
+        ("site.py", ["build", "--data-dir", str(data), "--no-measure", "--out", str(cwd / "o")]),
+    ):
+        proc = run_script(str(SCRIPTS / script), *args, cwd=cwd)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode in (1, 2), (script, text)
+        assert_no_traceback(text)
+        yield script, text
+
+
 def test_a_curated_file_that_is_not_utf8_is_reported_with_its_line(tmp_path, data_copy):
     path = data_copy / "works" / "switch-transformer.yaml"
     lines = path.read_bytes().split(b"\n")
     lines[3] = lines[3] + b" \xff\xfe"
     path.write_bytes(b"\n".join(lines))
-    for script, args in (
-        ("validate.py", ["--no-imports", "--data-dir", str(data_copy)]),
-        ("refresh.py", ["--dry-run", "--data-dir", str(data_copy)]),
-        ("site.py", ["build", "--data-dir", str(data_copy), "--no-measure", "--out", str(tmp_path / "o")]),
-    ):
-        proc = run_script(str(SCRIPTS / script), *args, cwd=tmp_path)
-        text = proc.stdout + proc.stderr
-        assert proc.returncode in (1, 2), (script, text)
+    for script, text in every_reader(data_copy, tmp_path):
         assert "switch-transformer.yaml:4" in text and "not UTF-8 text: byte 0xff at line 4" in text, (
             script,
             text,
         )
-        assert_no_traceback(text)
 
 
 def test_a_fetched_record_that_is_not_utf8_is_reported(tmp_path, data_copy):
@@ -458,16 +465,8 @@ def test_a_symlink_loop_is_one_clear_message(tmp_path, data_copy):
     works = data_copy / "works"
     (works / "loop-a.yaml").symlink_to(works / "loop-b.yaml")
     (works / "loop-b.yaml").symlink_to(works / "loop-a.yaml")
-    for script, args in (
-        ("validate.py", ["--no-imports", "--data-dir", str(data_copy)]),
-        ("refresh.py", ["--dry-run", "--data-dir", str(data_copy)]),
-        ("site.py", ["build", "--data-dir", str(data_copy), "--no-measure", "--out", str(tmp_path / "o")]),
-    ):
-        proc = run_script(str(SCRIPTS / script), *args, cwd=tmp_path)
-        text = proc.stdout + proc.stderr
-        assert proc.returncode in (1, 2), (script, text)
+    for script, text in every_reader(data_copy, tmp_path):
         assert "loop-a.yaml" in text and "Too many levels of symbolic links" in text, (script, text)
-        assert_no_traceback(text)
 
 
 # -- 8. curated-input edge cases ----------------------------------------------------------------
