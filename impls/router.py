@@ -22,11 +22,15 @@ Edge inputs, the same for every router:
   whatever the subclass returned, and it takes no capacity and no part in any loss.
 * **Non-finite tokens** are routed nowhere. A token whose input or gate logits hold a NaN or an
   infinity is treated as padding (so it changes neither the routing, the weights nor the losses of
-  any other token, and receives no expert output), its values are replaced by zeros before any
-  routing math (so no NaN reaches the gate's gradient), and ``plan.info["nonfinite_tokens"]``
-  counts such tokens (a 0-d tensor). Routers that synchronize with the host anyway
-  (``nonfinite_sync``: transport, assignment, expert choice) check once per call and take their
-  masked path only when such a token is present; the others always fold the check into the mask.
+  any other token, and receives no expert output), its logits are replaced by zeros before any
+  routing math (its logit gradient is zero, and every other token's gradient stays finite), and
+  ``plan.info["nonfinite_tokens"]`` counts such tokens (a 0-d tensor). The check reads the
+  ``[T, E]`` logits only, so finite inputs pay nothing on the ``[T, D]`` side. Not protected: the
+  gate's *weight* gradient (``g^T x`` holds ``0 * NaN``), since in a model a non-finite input
+  makes the task loss, and so every gradient, non-finite anyway. Routers that synchronize with
+  the host anyway (``nonfinite_sync``: transport, assignment, expert choice) check once per call
+  and take their masked path only when such a token is present; the others always fold the check
+  into the mask.
 * **Empty batches** (``T = 0``, from ``[0, D]`` or ``[batch, 0, D]``) give an empty plan whose
   losses are finite zeros (with a gradient path to the gate); router state (bias, duals, step
   counters) is left as it was.
@@ -172,16 +176,17 @@ class Router(nn.Module):
     ) -> RoutingPlan:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x_TD = x_TD.float()
-            finite_T = torch.isfinite(x_TD).all(-1)
-            x_TD = torch.where(finite_T[:, None], x_TD, torch.zeros((), device=x_TD.device))
             eps = self.config.jitter_eps
             if self.training and eps > 0:
                 x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
             logits_TE = self.compute_logits(x_TD)
-            finite_T = finite_T & torch.isfinite(logits_TE).all(-1)
-            logits_TE = torch.where(finite_T[:, None], logits_TE, torch.zeros((), device=x_TD.device))
+            # A NaN or infinity anywhere in a token's input makes its whole logit row non-finite
+            # (IEEE: NaN * w and inf * 0 are NaN), so the check runs on [T, E], not on [T, D].
+            finite_T = torch.isfinite(logits_TE).all(-1)
             nonfinite = (~finite_T).sum()
-            if not self.nonfinite_sync or not bool(finite_T.all()):  # the sync, for those routers
+            # routers that sync anyway pay for the mask only when a non-finite token is there
+            if not self.nonfinite_sync or bool(nonfinite):
+                logits_TE = logits_TE.masked_fill(~finite_T[:, None], 0.0)
                 token_mask_T = finite_T if token_mask_T is None else token_mask_T & finite_T
             self._sequence_length = sequence_length
             try:

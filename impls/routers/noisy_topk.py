@@ -168,6 +168,8 @@ class NoisyTopKRouter(Router):
         noisy = self.training and cfg.noisy
         if noisy:
             std_TE = F.softplus(F.linear(x_TD, self.noise.weight.float())) + cfg.noise_epsilon
+            if token_mask_T is not None:  # padding, or a non-finite input: keep its row finite
+                std_TE = torch.where(token_mask_T[:, None], std_TE, torch.ones_like(std_TE))
             h_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
         else:
             h_TE = logits_TE
