@@ -211,9 +211,12 @@ class Router(nn.Module):
             pad = x_TD.new_zeros(1, x_TD.shape[-1])
             plan = self._route_tokens(pad, torch.zeros(1, dtype=torch.bool, device=x_TD.device), None)
         finally:
-            with torch.no_grad():
+            with (
+                torch.no_grad()
+            ):  # only what changed: a copy into a buffer autograd saved would break backward
                 for name, buf in self.named_buffers():
-                    buf.copy_(saved[name])
+                    if not torch.equal(buf, saved[name]):
+                        buf.copy_(saved[name])
             if extra is not None:
                 self.set_extra_state(extra)
         empty = {
