@@ -79,7 +79,7 @@ ENTROPY_EPS = 1e-6
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """The smooth-step function ``S`` of DSelect-k (Sec. 3; Hazimeh et al. 2020): 0, a cubic, then 1."""
+    """DSelect-k's smooth-step ``S`` (Sec. 3; from arXiv 2002.07772): 0, a cubic, then 1."""
     cubic = -2.0 / gamma**3 * t**3 + 1.5 / gamma * t + 0.5
     return torch.where(
         t <= -gamma / 2, torch.zeros_like(t), torch.where(t >= gamma / 2, torch.ones_like(t), cubic)
