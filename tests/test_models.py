@@ -216,7 +216,7 @@ def test_year_must_match_the_date():
         ({"year": 0}, ("year",)),
         ({"ids": {"arxiv": "x"}}, ("ids", "arxiv")),
         ({"implementations": ["torch.nn.Linear"]}, ("implementations", 0)),
-        ({"implementations": ["impls.routers.switch SwitchRouter"]}, ("implementations", 0)),
+        ({"implementations": ["impls.routers.token_choice.switch SwitchRouter"]}, ("implementations", 0)),
     ],
 )
 def test_bad_work_fields_are_named(overrides, loc):
@@ -226,8 +226,8 @@ def test_bad_work_fields_are_named(overrides, loc):
 
 
 def test_implementation_paths_must_point_into_impls():
-    assert work(implementations=["impls.routers.switch.SwitchRouter"]).implementations == [
-        "impls.routers.switch.SwitchRouter"
+    assert work(implementations=["impls.routers.token_choice.switch.SwitchRouter"]).implementations == [
+        "impls.routers.token_choice.switch.SwitchRouter"
     ]
 
 

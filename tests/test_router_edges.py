@@ -10,7 +10,7 @@ import torch
 from test_router_contract import NAMES, D, build, num_experts, tokens
 
 import impls
-from impls.routers.sinkhorn import EFFICIENT_ROUTING_OT, SSR
+from impls.routers.assignment.sinkhorn import EFFICIENT_ROUTING_OT, SSR
 
 MODES = ("train", "eval")
 

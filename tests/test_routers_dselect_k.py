@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import impls
-from impls.routers.dselect_k import binary_codes, smooth_step
+from impls.routers.token_choice.dselect_k import binary_codes, smooth_step
 
 
 def test_smooth_step_matches_the_papers_formula_on_hand_checked_values():

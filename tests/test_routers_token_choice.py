@@ -9,7 +9,7 @@ import torch
 
 import impls
 from impls.functional import expert_counts
-from impls.routers.dense import dense_to_sparse_temperature
+from impls.routers.dense.dense_softmax import dense_to_sparse_temperature
 
 
 def with_logits(name: str, logits_TE: torch.Tensor, **options) -> tuple[impls.Router, torch.Tensor]:

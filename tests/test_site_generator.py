@@ -36,8 +36,9 @@ HTML_HREF = re.compile(r'href="([^"]+)"')
 def fake_family(**over) -> RouterFamily:
     base = dict(
         name="fake",
-        module="impls.routers.fake",
-        source_rel="impls/routers/fake.py",
+        group="token_choice",
+        module="impls.routers.token_choice.fake",
+        source_rel="impls/routers/token_choice/fake.py",
         source='"""Fake."""\n\nX = "```"  # a backtick run inside the source\n',
         summary="Fake routing: top-1 by argmax.",
         body=(
@@ -45,7 +46,7 @@ def fake_family(**over) -> RouterFamily:
             "```python\n# a comment\nx = 1 + 1\nassert x == 2\n```"
         ),
         routers=(
-            RouterEntry("fake", "FakeRouter", "impls.routers.fake.FakeRouter", ("switch-transformer",), True),
+            RouterEntry("fake", "FakeRouter", "impls.routers.token_choice.fake.FakeRouter", ("switch-transformer",), True),
         ),
         presets=(
             PresetEntry(
@@ -56,10 +57,10 @@ def fake_family(**over) -> RouterFamily:
                 ("switch-transformer", "not-a-catalog-work"),
                 "Fake preset after Fedus et al.",
                 "none known",
-                ("impls.routers.fake.FAKE_BASE",),
+                ("impls.routers.token_choice.fake.FAKE_BASE",),
             ),
         ),
-        api_members=("impls.routers.fake.FakeRouter",),
+        api_members=("impls.routers.token_choice.fake.FakeRouter",),
         measurements=(
             Measurement("fake", "router", 4, (300.0, 100.0, 0.0, 0.0), 3.0, 0.25, 1.0, 0.61, 0.42),
             Measurement("fake_base", "preset", 128, error="ValueError: <bad> option"),
@@ -178,7 +179,10 @@ def test_navigation_mirrors_the_taxonomy_and_lists_router_families(site, cat):
     taxonomy = nav[1]["Taxonomy"]
     assert taxonomy[0] == "generated/taxonomy/index.md"
     assert [next(iter(e)) for e in taxonomy[1:]] == ["Algorithm", "System", "Application"]
-    assert nav[3]["Routers"] == ["generated/routers/index.md", {"fake": "generated/routers/fake.md"}]
+    assert nav[3]["Routers"] == [
+        "generated/routers/index.md",
+        {"Sparse: Token-Choice": [{"fake": "generated/routers/fake.md"}]},
+    ]
 
 
 # ---------------------------------------------------------------------------- work pages
@@ -264,8 +268,8 @@ def test_router_page_has_method_presets_papers_measurements_source_and_api(site)
     assert "(../works/switch-transformer.md)" in page
     assert "| 3.00 |" in page and "25.0%" in page and '<svg class="atlas-load"' in page
     assert "could not be measured" in page and "&lt;bad&gt; option" in page
-    assert '````python linenums="1" title="impls/routers/fake.py"' in page  # longer fence than the source's
-    assert "::: impls.routers.fake.FakeRouter" in page
+    assert '````python linenums="1" title="impls/routers/token_choice/fake.py"' in page  # longer fence than the source's
+    assert "::: impls.routers.token_choice.fake.FakeRouter" in page
 
 
 def test_router_section_is_empty_but_present_without_routers(tmp_path, cat):
@@ -275,7 +279,7 @@ def test_router_section_is_empty_but_present_without_routers(tmp_path, cat):
     assert result.nav[3]["Routers"] == ["generated/routers/index.md"]
     assert "0 routers" in read(docs, "generated/_partials/home-counts.md")
     page = read(docs, "generated/works/switch-transformer.md")
-    assert "no router page documents them yet" in page and "`impls.routers.fake.FakeRouter`" in page
+    assert "no router page documents them yet" in page and "`impls.routers.token_choice.fake.FakeRouter`" in page
 
 
 def test_usage_snippets_are_the_fenced_python_blocks():

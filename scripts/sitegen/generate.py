@@ -46,7 +46,7 @@ from scripts.sitegen.pages_catalog import (
     taxonomy_nav,
 )
 from scripts.sitegen.pages_people import atom_feed, authors_page, read_tracking, tracking_page, whats_new_page
-from scripts.sitegen.pages_routers import family_page, routers_index
+from scripts.sitegen.pages_routers import family_page, routers_index, routers_nav
 from scripts.sitegen.pages_works import work_page
 from scripts.sitegen.routers import MeasureSetup, RouterFamily
 
@@ -156,7 +156,7 @@ def generate(
         {"Home": HOME},
         {"Taxonomy": root_entry if isinstance(root_entry, list) else [root_entry]},
         {"Catalog": [CATALOG, {"Authors": AUTHORS}, {"What's new": WHATS_NEW}]},
-        {"Routers": [ROUTERS_INDEX, *({f.name: family_doc(f.name)} for f in ctx.families)]},
+        {"Routers": [ROUTERS_INDEX, *routers_nav(ctx)]},
         {"Errata": ERRATA},
     ]
     if report is not None:

@@ -1,4 +1,4 @@
-"""The router index and one page per router family (``impls/routers/<family>.py``)."""
+"""The router index and one page per router family (``impls/routers/<group>/<family>.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import re
 from pathlib import Path
 
-from scripts.sitegen.context import ROUTERS_INDEX, SiteContext, family_doc, work_doc
+from scripts.sitegen.context import ROUTERS_INDEX, SiteContext, family_doc, node_doc, work_doc
 from scripts.sitegen.pages_works import work_link
 from scripts.sitegen.routers import Measurement, MeasureSetup, RouterFamily
 from scripts.sitegen.svg import load_bars
@@ -32,6 +32,24 @@ def demote_headings(text: str) -> str:
     return "\n".join(out)
 
 
+def _groups(ctx: SiteContext) -> list[str]:
+    """The taxonomy groups that have families, in the survey's order (``impls.routers.GROUPS``)."""
+    from impls.routers import GROUPS
+
+    order = {g: i for i, g in enumerate(GROUPS)}
+    return sorted({f.group for f in ctx.families}, key=lambda g: (order.get(g, len(order)), g))
+
+
+def routers_nav(ctx: SiteContext) -> list[dict[str, list[dict[str, str]]]]:
+    """Nav entries under "Routers": one section per taxonomy group, one page per family."""
+    from impls.routers import GROUPS
+
+    return [
+        {GROUPS.get(g, (g, None))[0]: [{f.name: family_doc(f.name)} for f in ctx.families if f.group == g]}
+        for g in _groups(ctx)
+    ]
+
+
 def routers_index(ctx: SiteContext) -> str:
     doc = ROUTERS_INDEX
     example = next((f.presets[0].name for f in ctx.families if f.presets), None)
@@ -40,7 +58,7 @@ def routers_index(ctx: SiteContext) -> str:
         "# Routers",
         "",
         "Reference PyTorch routers from the `impls` package, one page per family "
-        "(`impls/routers/<family>.py`). Every page explains the method with its equations, shows the "
+        "(`impls/routers/<group>/<family>.py`, grouped as the survey's gating taxonomy). Every page explains the method with its equations, shows the "
         "module's real source, runs each router on the same skewed synthetic batch at build time, and "
         "documents the API. Build any of them by registry or preset name:",
         "",
@@ -55,20 +73,31 @@ def routers_index(ctx: SiteContext) -> str:
     if not ctx.families:
         out += ["No routers are registered yet.", ""]
         return "\n".join(out)
-    out += ["| Family | Routers | Presets | Papers |", "|---|---|---|---|"]
-    for fam in ctx.families:
-        routers = ", ".join(f"`{r.name}`" for r in fam.routers)
-        presets = ", ".join(f"`{p.name}`" for p in fam.presets) or "—"
-        papers = (
-            ", ".join(
-                f"[{md(ctx.cat.work(s).display_name)}]({rel(doc, work_doc(s))})" if s in ctx.cat else f"`{s}`"
-                for s in fam.papers
+    from impls.routers import GROUPS
+
+    for group in _groups(ctx):
+        title, node = GROUPS.get(group, (group, None))
+        out += [f"## {md(title)}", ""]
+        if node is not None and node in ctx.cat.taxonomy.nodes:
+            out += [
+                f"Survey branch: [{md(ctx.cat.taxonomy.nodes[node].title)}]({rel(doc, node_doc(ctx.cat.taxonomy.nodes[node]))}) · "
+                f"`impls/routers/{group}/`",
+                "",
+            ]
+        out += ["| Family | Routers | Presets | Papers |", "|---|---|---|---|"]
+        for fam in (f for f in ctx.families if f.group == group):
+            routers = ", ".join(f"`{r.name}`" for r in fam.routers)
+            presets = ", ".join(f"`{p.name}`" for p in fam.presets) or "—"
+            papers = (
+                ", ".join(
+                    f"[{md(ctx.cat.work(s).display_name)}]({rel(doc, work_doc(s))})" if s in ctx.cat else f"`{s}`"
+                    for s in fam.papers
+                )
+                or "—"
             )
-            or "—"
-        )
-        link = f"[{md(fam.title)}]({rel(doc, family_doc(fam.name))}) (`{fam.name}`)"
-        out.append(f"| {link} | {routers} | {presets} | {papers} |")
-    out.append("")
+            link = f"[{md(fam.title)}]({rel(doc, family_doc(fam.name))}) (`{fam.name}`)"
+            out.append(f"| {link} | {routers} | {presets} | {papers} |")
+        out.append("")
     return "\n".join(out)
 
 

@@ -1,8 +1,8 @@
 """What the router pages show, read from ``impls`` and measured on CPU at build time.
 
-A *family* is one module ``impls/routers/<family>.py``: its docstring explains the method, its
-classes are the routers registered in ``impls.ROUTERS``, and the presets whose router is one of
-them belong to it. ``discover()`` returns no families while ``impls`` registers none yet.
+A *family* is one module ``impls/routers/<group>/<family>.py`` (``group`` a branch of the survey's
+gating taxonomy, ``impls.routers.GROUPS``): its docstring explains the method, its classes are the
+routers registered in ``impls.ROUTERS``, and the presets whose router is one of them belong to it. ``discover()`` returns no families while ``impls`` registers none yet.
 
 Measured behaviour: every router and preset of a family routes one fixed, seeded, deliberately
 skewed batch (``MeasureSetup``) in training mode, and the page reports the plan's own
@@ -104,15 +104,17 @@ class PresetEntry:
     description: str
     deviations: str
     paths: tuple[str, ...] = ()
-    """Dotted paths of module constants holding the preset (``impls.routers.switch.SWITCH_BASE``)."""
+    """Dotted paths of module constants holding the preset (``impls.routers.token_choice.switch.SWITCH_BASE``)."""
 
 
 @dataclass(frozen=True)
 class RouterFamily:
     name: str
+    group: str
+    """Subpackage of ``impls.routers`` (a branch of the survey's gating taxonomy)."""
     module: str
     source_rel: str
-    """Path of the module relative to the repository (``impls/routers/switch.py``)."""
+    """Path of the module relative to the repository (``impls/routers/token_choice/switch.py``)."""
     source: str
     summary: str
     body: str
@@ -159,11 +161,13 @@ def usage_snippets(doc: str) -> list[str]:
     return out
 
 
-def family_of(module: str) -> str | None:
+def family_of(module: str) -> tuple[str, str] | None:
+    """``(group, family)`` of a module ``impls.routers.<group>.<family>``, else ``None``."""
     prefix = "impls.routers."
     if not module.startswith(prefix):
         return None
-    return module[len(prefix) :].split(".")[0]
+    parts = module[len(prefix) :].split(".")
+    return (parts[0], parts[1]) if len(parts) >= 2 else None
 
 
 def _api_members(mod: Any) -> tuple[str, ...]:
@@ -200,15 +204,21 @@ def discover(
     presets: dict[str, Any] = dict(getattr(impls, "PRESETS", {}) or {})
     repo = repo or Path(impls.__file__).resolve().parent.parent
     by_family: dict[str, list[tuple[str, type]]] = {}
+    group_of: dict[str, str] = {}
     for name, cls in sorted(routers.items()):
-        fam = family_of(cls.__module__)
-        if fam is None:
-            log.warning("router %r lives in %s, outside impls.routers; no page for it", name, cls.__module__)
+        where = family_of(cls.__module__)
+        if where is None:
+            log.warning(
+                "router %r lives in %s, outside impls.routers.<group>; no page for it", name, cls.__module__
+            )
             continue
+        group, fam = where
+        if group_of.setdefault(fam, group) != group:
+            raise ValueError(f"router family name {fam!r} is used in two groups: {group_of[fam]!r}, {group!r}")
         by_family.setdefault(fam, []).append((name, cls))
     families = []
     for fam, members in sorted(by_family.items()):
-        module_name = f"impls.routers.{fam}"
+        module_name = f"impls.routers.{group_of[fam]}.{fam}"
         mod = importlib.import_module(module_name)
         src_path = Path(inspect.getsourcefile(mod) or mod.__file__)
         try:
@@ -248,6 +258,7 @@ def discover(
         )
         family = RouterFamily(
             name=fam,
+            group=group_of[fam],
             module=module_name,
             source_rel=source_rel,
             source=src_path.read_text(encoding="utf-8"),

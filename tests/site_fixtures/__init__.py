@@ -101,7 +101,7 @@ WORKS = [
                 "reason": "A typo in the survey's taxonomy.",
             }
         ],
-        implementations=["impls.routers.fake.FakeRouter"],
+        implementations=["impls.routers.token_choice.fake.FakeRouter"],
     ),
     _work(
         "efficient-routing-sparse-moe",

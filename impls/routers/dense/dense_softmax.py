@@ -52,7 +52,7 @@ ds.eval()
 print(ds(torch.randn(3, 32)).experts_per_token)                    # 2 at inference, 8 in training
 
 evo = impls.build_router("evomoe", d_model=32, num_experts=8)
-evo.temperature = impls.routers.dense.dense_to_sparse_temperature(step=900, total_steps=1000)
+evo.temperature = impls.routers.dense.dense_softmax.dense_to_sparse_temperature(step=900, total_steps=1000)
 ```
 """
 

@@ -1,0 +1,2 @@
+"""Transport and assignment routing (the catalog's Load Balancing extension): balance by an optimization.
+"""

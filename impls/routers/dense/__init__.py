@@ -1,0 +1,1 @@
+"""Dense gating (survey: Dense): every expert computes every token and a gate weights them."""
