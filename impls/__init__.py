@@ -17,9 +17,9 @@ from impls import routers  # noqa: F401  (registers every router family)
 from impls.balance import GlobalLoadBalance
 from impls.functional import capacity_keep, expert_capacity, load_balance_loss, z_loss
 from impls.layer import GroupedExperts, MoELayer
-from impls.plan import DIAGNOSTICS, RoutingPlan
+from impls.plan import DIAGNOSTICS, MergePlan, RoutingPlan, SlotPlan
 from impls.registry import PRESETS, ROUTERS, Preset, build_router, register_preset, register_router
-from impls.router import Router, RouterConfig
+from impls.router import Router, RouterConfig, SequenceRouter
 
 __all__ = [
     "DIAGNOSTICS",
@@ -27,11 +27,14 @@ __all__ = [
     "ROUTERS",
     "GlobalLoadBalance",
     "GroupedExperts",
+    "MergePlan",
     "MoELayer",
     "Preset",
     "Router",
     "RouterConfig",
     "RoutingPlan",
+    "SequenceRouter",
+    "SlotPlan",
     "build_router",
     "capacity_keep",
     "expert_capacity",

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impls.plan import RoutingPlan
+from impls.plan import MergePlan, RoutingPlan, SlotPlan
 from impls.registry import PRESETS, build_router
 from impls.router import Router
 
@@ -324,6 +324,24 @@ class GroupedExperts(nn.Module):
         """One expert on ``x [n, D]`` with plain matmuls (used by the loop oracle)."""
         return self._act(x @ self.w_in_EDF[e]) @ self.w_out_EFD[e]
 
+    def dense_forward(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own rows: ``x_ECD [E, C, D] -> [E, C, D]`` (one ``bmm`` per projection).
+
+        Used for Soft MoE's slots, where each expert gets the same number of rows.
+        """
+        return torch.bmm(self._act(torch.bmm(x_ECD, self.w_in_EDF)), self.w_out_EFD)
+
+    def merged_forward(self, x_GND: torch.Tensor, w_GE: torch.Tensor) -> torch.Tensor:
+        """Merged experts: group ``g``'s rows go through the expert ``sum_e w[g, e] * theta_e``.
+
+        ``x_GND [G, N, D]``, ``w_GE [G, E]``; the merged weights are built for every group
+        (``G * D * F`` values per projection), then one ``bmm`` per projection.
+        """
+        w = w_GE.to(self.w_in_EDF.dtype)
+        w_in = torch.einsum("ge,edf->gdf", w, self.w_in_EDF)
+        w_out = torch.einsum("ge,efd->gfd", w, self.w_out_EFD)
+        return torch.bmm(self._act(torch.bmm(x_GND, w_in)), w_out)
+
     def resolve_impl(self, impl: ExpertImpl, x: torch.Tensor) -> str:
         if impl not in _IMPLS:
             raise ValueError(f"expert_impl must be one of {_IMPLS}, got {impl!r}")
@@ -532,18 +550,73 @@ class MoELayer(nn.Module):
             mask = padding_mask.reshape(-1)
         return x.reshape(-1, self.d_model), mask, seq
 
-    def route(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> RoutingPlan:
-        """The router's plan for ``x`` (flattened token-major)."""
+    def route(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, **inputs: torch.Tensor) -> Any:
+        """The router's plan for ``x`` (flattened token-major for token routers)."""
         x_TD, mask_T, seq = self._flatten(x, padding_mask)
-        return self.router(x_TD, mask_T, sequence_length=seq)
+        if getattr(self.router, "plan_type", "tokens") != "tokens":
+            x_BLD = x if x.dim() == 3 else x[None]
+            return self.router(x_BLD, None if mask_T is None else mask_T.view(x_BLD.shape[:2]), **inputs)
+        return self.router(x_TD, mask_T, sequence_length=seq, **self._flat_inputs(x, inputs))
+
+    def _flat_inputs(self, x: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Routing inputs shaped like ``x`` without its last axis, flattened as the tokens are."""
+        return {
+            k: v.reshape(-1) if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(x.shape[:-1]) else v
+            for k, v in inputs.items()
+        }
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, RoutingPlan]:
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, **inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
+        """``(mixture, plan)``; ``inputs`` are the router's routing inputs (``token_ids``, ...)."""
         x_TD, mask_T, seq = self._flatten(x, padding_mask)
-        plan = self.router(x_TD, mask_T, sequence_length=seq)
+        kind = getattr(self.router, "plan_type", "tokens")
+        if kind != "tokens":
+            x_BLD = x if x.dim() == 3 else x[None]
+            mask_BL = None if mask_T is None else mask_T.view(x_BLD.shape[:2])
+            plan = self.router(x_BLD, mask_BL, **inputs)
+            out = self.mix_sequences(x_BLD, plan)
+            return out.view(x.shape), plan
+        plan = self.router(x_TD, mask_T, sequence_length=seq, **self._flat_inputs(x, inputs))
         out_TD = self.mix(x_TD, plan, mask_T)
         return out_TD.view(x.shape), plan
+
+    def mix_sequences(self, x_BLD: torch.Tensor, plan: SlotPlan | MergePlan) -> torch.Tensor:
+        """Expert mixture for a ``SlotPlan`` (Soft MoE) or a ``MergePlan`` (merged experts)."""
+        B, L, D = x_BLD.shape
+        mask_BL = plan.token_mask_BL
+        dtype = self.experts.w_in_EDF.dtype
+        # padding and non-finite rows are zero before any mixing (0 * NaN would spread otherwise)
+        xz = x_BLD if mask_BL is None else torch.where(mask_BL[..., None], x_BLD, x_BLD.new_zeros(()))
+        if B * L == 0:
+            return x_BLD * 0
+        if isinstance(plan, SlotPlan):
+            E, p = plan.num_experts, plan.slots_per_expert
+            slots_BSD = torch.einsum("bls,bld->bsd", plan.dispatch_BLS, xz.float())
+            slots_ECD = slots_BSD.view(B, E, p, D).permute(1, 0, 2, 3).reshape(E, B * p, D)
+            y_ECD = self.experts.dense_forward(slots_ECD.to(dtype))
+            y_BSD = y_ECD.view(E, B, p, D).permute(1, 0, 2, 3).reshape(B, E * p, D)
+            out = torch.einsum("bls,bsd->bld", plan.combine_BLS, y_BSD.float())
+        elif isinstance(plan, MergePlan):
+            G, n = plan.num_groups, plan.group_length
+            pad = G * n - L
+            xg = torch.nn.functional.pad(xz, (0, 0, 0, pad)) if pad else xz
+            y = self.experts.merged_forward(
+                xg.reshape(B * G, n, D).to(dtype), plan.weights_BGE.reshape(B * G, -1)
+            )
+            out = y.reshape(B, G * n, D)[:, :L]
+        else:
+            raise TypeError(
+                f"MoELayer: router returned {type(plan).__name__}, expected a SlotPlan or MergePlan"
+            )
+        out = out.to(x_BLD.dtype)
+        if mask_BL is not None:
+            out = torch.where(mask_BL[..., None], out, out.new_zeros(()))
+        if self.shared is not None:
+            out = self._add_shared(out.reshape(B * L, D), xz.reshape(B * L, D), mask_BL.reshape(-1)).view(
+                B, L, D
+            )
+        return out
 
     def expert_outputs(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, Dispatch]:
         """Dispatch and run the routed experts: ``(y_ND, dispatch)``."""

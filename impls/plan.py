@@ -9,6 +9,10 @@ E     number of routed experts
 K     routing slots per token (``k`` for token choice; ``E`` for expert choice)
 C     expert capacity (tokens per expert)
 F     expert hidden width
+B     sequences (examples) in the batch
+L     tokens per sequence
+S     slots (soft token merging: ``E * slots_per_expert``)
+G     merge groups per sequence (expert merging: 1 per example, one per segment, or ``L``)
 ====  ==========================================================
 
 A plan is **token-major**: every token has ``K`` slots; slot ``j`` of token ``t`` names an expert
@@ -19,6 +23,21 @@ survived capacity (``keep_TK``). This one form expresses
 * a variable number of experts per token (top-p, thresholds, ReLU gates: unused slots are ``-1``),
 * expert choice (``K = E``: slot ``e`` is expert ``e``, kept when expert ``e`` picked the token),
 * dropped tokens (selected, ``expert_ids_TK >= 0``, but ``keep_TK`` false).
+
+Two routing families do not assign tokens to experts at all, and have their own plans with the
+same conventions (float32 tensors, unweighted ``losses``, ``aux_loss()``, the ``DIAGNOSTICS``
+names, padding excluded):
+
+* ``SlotPlan`` (soft token merging, Soft MoE): every expert slot takes a convex mixture of a
+  sequence's tokens (``dispatch_BLS``), and every token a convex mixture of the slot outputs
+  (``combine_BLS``);
+* ``MergePlan`` (soft expert merging, SMEAR, Lory, MEO, MoV): one weight vector over the experts per
+  group of tokens (``weights_BGE``); the layer averages the experts' *parameters* with it and runs
+  the merged expert once per group.
+
+For these two, ``expert_load`` counts *token-equivalents*: the combine (or merge) weight every
+valid token gives each expert, summed over tokens, so that it adds up to the number of valid
+tokens like a top-1 load does.
 """
 
 from __future__ import annotations
@@ -192,3 +211,180 @@ def every_slot_plan(
         token_mask_T=token_mask_T,
         info=dict(info or {}),
     )
+
+
+def _check_shapes(owner: str, want: tuple[int, ...], **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{owner}.{name} has shape {tuple(t.shape)}, expected {want}")
+
+
+class _DensePlanMixin:
+    """Diagnostics and ``aux_loss`` shared by ``SlotPlan`` and ``MergePlan`` (see the module docstring)."""
+
+    losses: Mapping[str, torch.Tensor]
+
+    def _per_token_expert_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([B, L, E] weight each token gives each expert, [B, L] valid mask or None)``."""
+        raise NotImplementedError
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        """``float32 [E]``: token-equivalents per expert (weights summed over valid tokens)."""
+        w_BLE, m_BL = self._per_token_expert_weight()
+        if m_BL is not None:
+            w_BLE = w_BLE * m_BL[..., None]
+        return w_BLE.sum((0, 1))
+
+    @property
+    def fraction_dropped(self) -> torch.Tensor:
+        """Scalar 0: nothing is dropped."""
+        return self._per_token_expert_weight()[0].new_zeros(())
+
+    def _token_mean(self, v_BL: torch.Tensor) -> torch.Tensor:
+        m_BL = self._per_token_expert_weight()[1]
+        if m_BL is None:
+            return v_BL.mean()
+        m = m_BL.float()
+        return (v_BL * m).sum() / m.sum().clamp_min(1)
+
+    @property
+    def experts_per_token(self) -> torch.Tensor:
+        """Scalar: mean number of experts with a non-zero weight for a valid token."""
+        w_BLE = self._per_token_expert_weight()[0]
+        return self._token_mean((w_BLE > 0).sum(-1).float())
+
+    @property
+    def router_confidence(self) -> torch.Tensor:
+        """Scalar: mean over valid tokens of the largest weight a token gives one expert."""
+        return self._token_mean(self._per_token_expert_weight()[0].max(-1).values)
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """All diagnostics by their stable names (tensors; no host sync)."""
+        return {name: getattr(self, name) for name in DIAGNOSTICS}
+
+    def aux_loss(self, coefficients: Mapping[str, float]) -> torch.Tensor:
+        """``sum(coef[name] * losses[name])``; unknown names are an error (as ``RoutingPlan.aux_loss``)."""
+        unknown = set(coefficients) - set(self.losses)
+        if unknown:
+            raise KeyError(f"no loss named {sorted(unknown)} in this plan; it has {sorted(self.losses)}")
+        total = self._per_token_expert_weight()[0].new_zeros(())
+        for name, coef in coefficients.items():
+            if coef:
+                total = total + coef * self.losses[name]
+        return total
+
+
+@dataclass(frozen=True, eq=False)
+class SlotPlan(_DensePlanMixin):
+    """Soft token merging over ``B`` sequences of ``L`` tokens and ``S = E * p`` slots.
+
+    Attributes:
+        dispatch_BLS: ``float32 [B, L, S]`` slot ``s`` takes ``sum_l dispatch[b, l, s] x[b, l]``;
+            each column sums to 1 over the valid tokens of its sequence (softmax over tokens).
+        combine_BLS: ``float32 [B, L, S]`` token ``l`` gets ``sum_s combine[b, l, s] y[b, s]``; each
+            valid token's row sums to 1 (softmax over slots). Padding rows are 0.
+        logits_BLS: ``float32 [B, L, S]`` the logits both softmaxes share.
+        slots_per_expert: ``p``; slot ``s`` belongs to expert ``s // p``.
+        losses: unweighted auxiliary losses by name (Soft MoE has none).
+        token_mask_BL: ``bool [B, L]`` valid tokens, or ``None`` when all are valid.
+        info: extras (tensors or numbers).
+    """
+
+    dispatch_BLS: torch.Tensor
+    combine_BLS: torch.Tensor
+    logits_BLS: torch.Tensor
+    slots_per_expert: int
+    losses: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    token_mask_BL: torch.Tensor | None = None
+    info: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dispatch_BLS.dim() != 3:
+            raise ValueError(f"SlotPlan.dispatch_BLS must be [B, L, S], got {tuple(self.dispatch_BLS.shape)}")
+        B, L, S = self.dispatch_BLS.shape
+        if self.slots_per_expert <= 0 or S % self.slots_per_expert:
+            raise ValueError(
+                f"SlotPlan: {S} slots are not a multiple of slots_per_expert={self.slots_per_expert}"
+            )
+        _check_shapes("SlotPlan", (B, L, S), combine_BLS=self.combine_BLS, logits_BLS=self.logits_BLS)
+        _check_shapes("SlotPlan", (B, L), token_mask_BL=self.token_mask_BL)
+        object.__setattr__(self, "losses", MappingProxyType(dict(self.losses)))
+        object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+
+    @property
+    def num_slots(self) -> int:
+        return self.dispatch_BLS.shape[-1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_slots // self.slots_per_expert
+
+    @property
+    def num_tokens(self) -> int:
+        return self.dispatch_BLS.shape[0] * self.dispatch_BLS.shape[1]
+
+    def _per_token_expert_weight(self):
+        B, L, _ = self.combine_BLS.shape
+        w = self.combine_BLS.reshape(B, L, self.num_experts, self.slots_per_expert).sum(-1)
+        return w, self.token_mask_BL
+
+
+@dataclass(frozen=True, eq=False)
+class MergePlan(_DensePlanMixin):
+    """Soft expert merging: one weight vector over the ``E`` experts per group of tokens.
+
+    A sequence of ``L`` tokens is cut into ``G = ceil(L / group_length)`` consecutive groups (one
+    group per example when ``group_length = L``, one per token when it is 1); group ``g`` is
+    computed by the expert whose parameters are ``sum_e weights[b, g, e] * theta_e``.
+
+    Attributes:
+        weights_BGE: ``float32 [B, G, E]`` merge weights (0 for experts left out of the merge).
+        scores_BGE: ``float32 [B, G, E]`` the router's probabilities before any top-k.
+        logits_BGE: ``float32 [B, G, E]`` raw router logits.
+        group_length: tokens per group (the last group may be shorter).
+        losses: unweighted auxiliary losses by name.
+        token_mask_BL: ``bool [B, L]`` valid tokens, or ``None`` when all are valid.
+        info: extras (tensors or numbers).
+    """
+
+    weights_BGE: torch.Tensor
+    scores_BGE: torch.Tensor
+    logits_BGE: torch.Tensor
+    group_length: int
+    seq_len: int
+    losses: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    token_mask_BL: torch.Tensor | None = None
+    info: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weights_BGE.dim() != 3:
+            raise ValueError(f"MergePlan.weights_BGE must be [B, G, E], got {tuple(self.weights_BGE.shape)}")
+        B, G, E = self.weights_BGE.shape
+        if self.group_length <= 0 or -(-self.seq_len // self.group_length) != G:
+            raise ValueError(
+                f"MergePlan: {G} groups do not cover seq_len={self.seq_len} in groups of {self.group_length}"
+            )
+        _check_shapes("MergePlan", (B, G, E), scores_BGE=self.scores_BGE, logits_BGE=self.logits_BGE)
+        _check_shapes("MergePlan", (B, self.seq_len), token_mask_BL=self.token_mask_BL)
+        object.__setattr__(self, "losses", MappingProxyType(dict(self.losses)))
+        object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+
+    @property
+    def num_experts(self) -> int:
+        return self.weights_BGE.shape[-1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.weights_BGE.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.weights_BGE.shape[0] * self.seq_len
+
+    def token_weights(self) -> torch.Tensor:
+        """``float32 [B, L, E]``: the merge weights of every token's group."""
+        return self.weights_BGE.repeat_interleave(self.group_length, dim=1)[:, : self.seq_len]
+
+    def _per_token_expert_weight(self):
+        return self.token_weights(), self.token_mask_BL

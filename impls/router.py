@@ -43,6 +43,7 @@ moves those buffers between devices but never changes their dtype.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -116,6 +117,12 @@ class Router(nn.Module):
     #: check for non-finite tokens with one host sync and route unmasked when there is none (for
     #: routers whose masked path costs more than a sync; see the module docstring).
     nonfinite_sync: ClassVar[bool] = False
+    #: what ``forward`` returns: ``"tokens"`` (a ``RoutingPlan``), ``"slots"`` (a ``SlotPlan``,
+    #: soft token merging) or ``"merge"`` (a ``MergePlan``, soft expert merging).
+    plan_type: ClassVar[str] = "tokens"
+    #: names of the integer inputs the router needs besides ``x`` (``token_ids``, ``domain_ids``,
+    #: ...), passed to ``forward`` as keywords; ``input_ranges()`` gives their valid ranges.
+    routing_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
         super().__init__()
@@ -141,6 +148,7 @@ class Router(nn.Module):
         token_mask_T: torch.Tensor | None = None,
         *,
         sequence_length: int | None = None,
+        **inputs: torch.Tensor,
     ) -> RoutingPlan:
         """Route ``x`` (``[T, D]``, or ``[batch, seq, D]`` flattened token-major).
 
@@ -149,7 +157,10 @@ class Router(nn.Module):
             token_mask_T: ``bool``, True = valid token, shaped like ``x`` without its last axis.
             sequence_length: tokens per sequence when ``x`` is ``[T, D]`` with ``T = batch * seq``
                 (only sequence-level losses use it); inferred from a 3-D ``x``.
+            **inputs: the integer inputs named in ``routing_inputs`` (token ids, domain ids, ...),
+                each shaped like ``x`` without its last axis, or ``[batch]`` (one per sequence).
         """
+        inputs = self._check_routing_inputs(x_TD, sequence_length, inputs)
         if isinstance(x_TD, torch.Tensor) and x_TD.dim() == 3:
             batch, seq, _ = x_TD.shape
             if sequence_length is not None and sequence_length != seq:
@@ -162,8 +173,15 @@ class Router(nn.Module):
             if isinstance(token_mask_T, torch.Tensor) and token_mask_T.dim() == 2:
                 token_mask_T = token_mask_T.reshape(-1)
         x_TD, token_mask_T = self._check_inputs(x_TD, token_mask_T)
-        if x_TD.shape[0] == 0:
-            return self._empty_plan(x_TD)
+        self._inputs = inputs
+        try:
+            if x_TD.shape[0] == 0:
+                return self._empty_plan(x_TD)
+            return self._forward_tokens(x_TD, token_mask_T, sequence_length)
+        finally:
+            self._inputs = {}
+
+    def _forward_tokens(self, x_TD, token_mask_T, sequence_length) -> RoutingPlan:
         if sequence_length is not None and (sequence_length <= 0 or x_TD.shape[0] % sequence_length):
             raise ValueError(
                 f"{type(self).__name__}: sequence_length={sequence_length} does not divide the "
@@ -203,6 +221,7 @@ class Router(nn.Module):
 
     def _empty_plan(self, x_TD: torch.Tensor) -> RoutingPlan:
         """The plan of ``T = 0`` tokens: one padding token routed, then sliced away; state restored."""
+        self._inputs = {n: torch.zeros(1, dtype=torch.long, device=x_TD.device) for n in self._inputs}
         saved = {name: buf.clone() for name, buf in self.named_buffers()}
         extra = (
             self.get_extra_state() if type(self).get_extra_state is not nn.Module.get_extra_state else None
@@ -225,6 +244,61 @@ class Router(nn.Module):
         }
         info = {**plan.info, "nonfinite_tokens": plan.info["nonfinite_tokens"] * 0}
         return dataclasses.replace(plan, **empty, info=info)
+
+    # ------------------------------------------------------------------ routing inputs
+    def input_ranges(self) -> dict[str, int]:
+        """Exclusive upper bound of each routing input (``{"token_ids": vocab_size}``); override."""
+        return {}
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The routing inputs of the batch being routed, flattened to ``long [T]`` (inside ``route()``)."""
+        return getattr(self, "_inputs", {})
+
+    def _check_routing_inputs(
+        self, x: torch.Tensor, sequence_length: int | None, inputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Validate the routing inputs and flatten each to ``long [T]``; errors name the input."""
+        name = type(self).__name__
+        unknown = sorted(set(inputs) - set(self.routing_inputs))
+        if unknown:
+            valid = ", ".join(self.routing_inputs) or "none"
+            raise TypeError(f"{name}: unexpected routing input(s) {unknown}; this router takes: {valid}")
+        missing = [n for n in self.routing_inputs if inputs.get(n) is None]
+        if missing:
+            raise TypeError(f"{name}: missing routing input(s) {missing} (pass them as keywords to forward)")
+        if not self.routing_inputs:
+            return {}
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+            return {}  # _check_inputs reports the bad x
+        lead = tuple(x.shape[:-1])
+        seq = lead[1] if len(lead) == 2 else sequence_length
+        ranges = self.input_ranges()
+        out = {}
+        for n in self.routing_inputs:
+            v = inputs[n]
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name}: {n} must be a torch.Tensor of integer ids, got {type(v).__name__}")
+            if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
+                raise TypeError(f"{name}: {n} must hold integer ids, got dtype {v.dtype}")
+            if v.device != x.device:
+                raise ValueError(f"{name}: {n} is on {v.device} but x is on {x.device}")
+            if tuple(v.shape) == lead:
+                flat = v.reshape(-1)
+            elif v.dim() == 1 and seq and v.shape[0] * seq == math.prod(lead):
+                flat = v.repeat_interleave(seq)  # one id per sequence
+            else:
+                per_seq = f" or [{math.prod(lead) // seq}] (one per sequence)" if seq else ""
+                raise ValueError(f"{name}: {n} must have shape {list(lead)}{per_seq}, got {list(v.shape)}")
+            bound = ranges.get(n)
+            if flat.numel() and bound is not None:
+                # one host sync per input: an id out of range must not index a table silently
+                lo, hi = torch.stack([flat.min(), flat.max()]).tolist()
+                if lo < 0 or hi >= bound:
+                    bad = lo if lo < 0 else hi
+                    raise ValueError(f"{name}: {n} must be in [0, {bound}), got {bad}")
+            out[n] = flat.long()
+        return out
 
     @property
     def sequence_length(self) -> int | None:
@@ -338,3 +412,81 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, config={self.config}"
+
+
+class SequenceRouter(Router):
+    """Base of the routers whose decision is dense over a whole sequence (``plan_type`` ``"slots"`` or
+    ``"merge"``): Soft MoE's slots, SMEAR's and Lory's merged experts.
+
+    ``forward(x, token_mask)`` takes ``[B, L, D]`` (or ``[T, D]`` with ``sequence_length``; without
+    it, the ``T`` tokens are one sequence) and calls ``route_sequences(x_BLD, token_mask_BL)`` in
+    float32 with autocast off. Edge inputs follow ``Router``: padding takes no part in any mixture,
+    pool or loss; a token holding a NaN or an infinity is treated as padding and zeroed (the check
+    reads ``x``, since pooled routers would otherwise spread it over the sequence) and counted in
+    ``plan.info["nonfinite_tokens"]``; an empty batch gives an empty plan.
+    """
+
+    plan_type: ClassVar[str] = "merge"
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        *,
+        sequence_length: int | None = None,
+        **inputs: torch.Tensor,
+    ):
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{name}: x must have shape [batch, seq, {self.d_model}] or [tokens, {self.d_model}], "
+                f"got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: x must be a floating-point tensor, got {x.dtype}")
+        if token_mask is not None:
+            if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
+                got = token_mask.dtype if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
+                raise TypeError(f"{name}: token_mask must be bool (True = valid token), got {got}")
+            if tuple(token_mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(
+                    f"{name}: token_mask must have shape {list(x.shape[:-1])}, got {list(token_mask.shape)}"
+                )
+        if x.dim() == 2:
+            T = x.shape[0]
+            seq = T if sequence_length is None else sequence_length
+            if seq <= 0 and T:
+                raise ValueError(f"{name}: sequence_length must be > 0, got {sequence_length}")
+            if T and T % seq:
+                raise ValueError(f"{name}: sequence_length={sequence_length} does not divide the {T} tokens")
+            B = T // seq if T else 0
+            x = x.reshape(B, seq if T else 0, self.d_model)
+            if token_mask is not None:
+                token_mask = token_mask.reshape(x.shape[:2])
+        elif sequence_length is not None and sequence_length != x.shape[1]:
+            raise ValueError(
+                f"{name}: sequence_length={sequence_length} contradicts x of shape {tuple(x.shape)}"
+            )
+        inputs = self._check_routing_inputs(x, None, inputs)
+        self._inputs = {k: v.reshape(x.shape[:2]) for k, v in inputs.items()}
+        try:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x = x.float()
+                finite_BL = torch.isfinite(x).all(-1)
+                mask_BL = finite_BL if token_mask is None else token_mask & finite_BL
+                x = torch.where(mask_BL[..., None], x, x.new_zeros(()))
+                plan = self.route_sequences(x, mask_BL)
+        finally:
+            self._inputs = {}
+        info = {**plan.info, "nonfinite_tokens": (~finite_BL).sum()}
+        return dataclasses.replace(plan, info=info)
+
+    def route_sequences(self, x_BLD: torch.Tensor, token_mask_BL: torch.Tensor):
+        """The decision for ``x_BLD`` (float32; padding and non-finite tokens zeroed, masked False)."""
+        raise NotImplementedError
+
+    @property
+    def is_causal(self) -> bool:
+        return self.causal

@@ -1,2 +1,1 @@
-"""Transport and assignment routing (the catalog's Load Balancing extension): balance by an optimization.
-"""
+"""Transport and assignment routing (the catalog's Load Balancing extension): balance by an optimization."""
