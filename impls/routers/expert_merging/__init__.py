@@ -1,0 +1,1 @@
+"""Soft expert merging (survey: Soft, Expert Merging): expert parameters averaged with the gate's weights."""
