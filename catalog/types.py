@@ -226,7 +226,8 @@ ImplPath = Annotated[
     str,
     Field(pattern=r"^impls(\.[A-Za-z_][A-Za-z0-9_]*)+$"),
 ]
-"""Dotted import path of a router class or preset in ``impls`` (``impls.routers.token_choice.switch.SwitchRouter``)."""
+"""Dotted import path of a router class or preset in ``impls``
+(``impls.routers.token_choice.switch.SwitchRouter``)."""
 
 
 def survey_date_key(value: str) -> tuple[int, int, int]:

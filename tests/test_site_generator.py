@@ -46,7 +46,13 @@ def fake_family(**over) -> RouterFamily:
             "```python\n# a comment\nx = 1 + 1\nassert x == 2\n```"
         ),
         routers=(
-            RouterEntry("fake", "FakeRouter", "impls.routers.token_choice.fake.FakeRouter", ("switch-transformer",), True),
+            RouterEntry(
+                "fake",
+                "FakeRouter",
+                "impls.routers.token_choice.fake.FakeRouter",
+                ("switch-transformer",),
+                True,
+            ),
         ),
         presets=(
             PresetEntry(
@@ -268,7 +274,9 @@ def test_router_page_has_method_presets_papers_measurements_source_and_api(site)
     assert "(../works/switch-transformer.md)" in page
     assert "| 3.00 |" in page and "25.0%" in page and '<svg class="atlas-load"' in page
     assert "could not be measured" in page and "&lt;bad&gt; option" in page
-    assert '````python linenums="1" title="impls/routers/token_choice/fake.py"' in page  # longer fence than the source's
+    assert (
+        '````python linenums="1" title="impls/routers/token_choice/fake.py"' in page
+    )  # longer fence than the source's
     assert "::: impls.routers.token_choice.fake.FakeRouter" in page
 
 
@@ -279,7 +287,9 @@ def test_router_section_is_empty_but_present_without_routers(tmp_path, cat):
     assert result.nav[3]["Routers"] == ["generated/routers/index.md"]
     assert "0 routers" in read(docs, "generated/_partials/home-counts.md")
     page = read(docs, "generated/works/switch-transformer.md")
-    assert "no router page documents them yet" in page and "`impls.routers.token_choice.fake.FakeRouter`" in page
+    assert (
+        "no router page documents them yet" in page and "`impls.routers.token_choice.fake.FakeRouter`" in page
+    )
 
 
 def test_usage_snippets_are_the_fenced_python_blocks():

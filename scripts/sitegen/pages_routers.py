@@ -58,7 +58,8 @@ def routers_index(ctx: SiteContext) -> str:
         "# Routers",
         "",
         "Reference PyTorch routers from the `impls` package, one page per family "
-        "(`impls/routers/<group>/<family>.py`, grouped as the survey's gating taxonomy). Every page explains the method with its equations, shows the "
+        "(`impls/routers/<group>/<family>.py`, grouped as the survey's gating taxonomy). Every page "
+        "explains the method with its equations, shows the "
         "module's real source, runs each router on the same skewed synthetic batch at build time, and "
         "documents the API. Build any of them by registry or preset name:",
         "",
@@ -79,8 +80,9 @@ def routers_index(ctx: SiteContext) -> str:
         title, node = GROUPS.get(group, (group, None))
         out += [f"## {md(title)}", ""]
         if node is not None and node in ctx.cat.taxonomy.nodes:
+            branch = ctx.cat.taxonomy.nodes[node]
             out += [
-                f"Survey branch: [{md(ctx.cat.taxonomy.nodes[node].title)}]({rel(doc, node_doc(ctx.cat.taxonomy.nodes[node]))}) · "
+                f"Survey branch: [{md(branch.title)}]({rel(doc, node_doc(branch))}) · "
                 f"`impls/routers/{group}/`",
                 "",
             ]
@@ -90,7 +92,9 @@ def routers_index(ctx: SiteContext) -> str:
             presets = ", ".join(f"`{p.name}`" for p in fam.presets) or "—"
             papers = (
                 ", ".join(
-                    f"[{md(ctx.cat.work(s).display_name)}]({rel(doc, work_doc(s))})" if s in ctx.cat else f"`{s}`"
+                    f"[{md(ctx.cat.work(s).display_name)}]({rel(doc, work_doc(s))})"
+                    if s in ctx.cat
+                    else f"`{s}`"
                     for s in fam.papers
                 )
                 or "—"
@@ -215,6 +219,16 @@ def family_page(ctx: SiteContext, fam: RouterFamily, setup: MeasureSetup) -> str
         "router's forward time.",
         "",
     ]
+    if any(r.plan_type != "tokens" for r in fam.routers):
+        out += [
+            "These routers assign no token to an expert: every token reaches every expert with a "
+            "weight (its combine weights over the slots, for Soft MoE; its group's merge weights, "
+            "for merged experts). The *load* is then counted in token-equivalents, each token's "
+            "weights over the experts summed over the batch (the loads add up to the number of "
+            "tokens); *experts / token* counts the experts with a non-zero weight, and *confidence* "
+            "is the mean largest weight a token gives one expert.",
+            "",
+        ]
     extra = EXTRA_MEASUREMENTS.get(fam.name)
     if extra is not None:
         out += extra()

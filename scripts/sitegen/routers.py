@@ -2,7 +2,8 @@
 
 A *family* is one module ``impls/routers/<group>/<family>.py`` (``group`` a branch of the survey's
 gating taxonomy, ``impls.routers.GROUPS``): its docstring explains the method, its classes are the
-routers registered in ``impls.ROUTERS``, and the presets whose router is one of them belong to it. ``discover()`` returns no families while ``impls`` registers none yet.
+routers registered in ``impls.ROUTERS``, and the presets whose router is one of them belong to it.
+``discover()`` returns no families while ``impls`` registers none yet.
 
 Measured behaviour: every router and preset of a family routes one fixed, seeded, deliberately
 skewed batch (``MeasureSetup``) in training mode, and the page reports the plan's own
@@ -47,6 +48,8 @@ class MeasureSetup:
     cluster_weights: tuple[float, ...] = (0.55, 0.25, 0.15, 0.05)
     centre_scale: float = 1.0
     repeats: int = 5
+    vocab_size: int = 1000
+    """Vocabulary of the token ids given to routers that hash or map them (Zipf-distributed ids)."""
 
     def describe(self) -> str:
         w = ", ".join(f"{p:.0%}" for p in self.cluster_weights)
@@ -56,10 +59,14 @@ class MeasureSetup:
             f"{self.seed}; tokens drawn around {len(self.cluster_weights)} random centres with "
             f"frequencies {w} (a skewed batch), gate initialised by PyTorch's default from the same "
             f"seed, training mode, no gradient; forward time is the median of {self.repeats} runs "
-            f"after one warm-up, on one thread of this build machine's CPU"
+            f"after one warm-up, on one thread of this build machine's CPU. Routers that read labels get "
+            f"each token's centre as its domain, task, language or attribute label (modulo the "
+            f"router's label count), and token ids drawn from a Zipf law over a {self.vocab_size}-word "
+            f"vocabulary; sequence-level routers (Soft MoE, merged experts) see the batch as one sequence"
         )
 
-    def batch(self) -> Any:
+    def batch_and_labels(self) -> tuple[Any, Any]:
+        """``(x [T, D], centre index [T])``."""
         import torch
 
         g = torch.Generator().manual_seed(self.seed)
@@ -67,7 +74,26 @@ class MeasureSetup:
         centres = torch.randn(k, self.d_model, generator=g) * self.centre_scale
         probs = torch.tensor(self.cluster_weights, dtype=torch.float32)
         which = torch.multinomial(probs, self.tokens, replacement=True, generator=g)
-        return centres[which] + torch.randn(self.tokens, self.d_model, generator=g)
+        return centres[which] + torch.randn(self.tokens, self.d_model, generator=g), which
+
+    def batch(self) -> Any:
+        return self.batch_and_labels()[0]
+
+    def routing_inputs(self, router: Any, labels: Any) -> dict[str, Any]:
+        """The integer inputs ``router`` needs (``router.routing_inputs``), built from the batch."""
+        import torch
+
+        out = {}
+        bounds = router.input_ranges()
+        for name in router.routing_inputs:
+            bound = bounds.get(name, self.vocab_size)
+            if name == "token_ids":
+                g = torch.Generator().manual_seed(self.seed + 1)
+                zipf = 1.0 / torch.arange(1, bound + 1, dtype=torch.float64)
+                out[name] = torch.multinomial(zipf.float(), self.tokens, replacement=True, generator=g)
+            else:
+                out[name] = labels % bound
+        return out
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,8 @@ class RouterEntry:
     """Dotted import path, ``impls.routers.<family>.<Class>``."""
     papers: tuple[str, ...]
     causal: bool
+    plan_type: str = "tokens"
+    """``"tokens"`` (a ``RoutingPlan``), ``"slots"`` (Soft MoE) or ``"merge"`` (merged experts)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +132,8 @@ class PresetEntry:
     description: str
     deviations: str
     paths: tuple[str, ...] = ()
-    """Dotted paths of module constants holding the preset (``impls.routers.token_choice.switch.SWITCH_BASE``)."""
+    """Dotted paths of module constants holding the preset
+    (``impls.routers.token_choice.switch.SWITCH_BASE``)."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +243,9 @@ def discover(
             continue
         group, fam = where
         if group_of.setdefault(fam, group) != group:
-            raise ValueError(f"router family name {fam!r} is used in two groups: {group_of[fam]!r}, {group!r}")
+            raise ValueError(
+                f"router family name {fam!r} is used in two groups: {group_of[fam]!r}, {group!r}"
+            )
         by_family.setdefault(fam, []).append((name, cls))
     families = []
     for fam, members in sorted(by_family.items()):
@@ -253,6 +284,7 @@ def discover(
                 path=f"{cls.__module__}.{cls.__qualname__}",
                 papers=tuple(getattr(cls, "papers", ())),
                 causal=bool(getattr(cls, "causal", False)),
+                plan_type=str(getattr(cls, "plan_type", "tokens")),
             )
             for n, cls in members
         )
@@ -289,6 +321,19 @@ def _with_measurements(family: RouterFamily, setup: MeasureSetup) -> RouterFamil
     return replace(family, measurements=tuple(runs))
 
 
+def _build_options(name: str, setup: MeasureSetup) -> dict[str, Any]:
+    """Options a router needs from outside that its preset does not fix (a vocabulary size)."""
+    import dataclasses
+
+    import impls
+
+    preset = impls.PRESETS.get(name)
+    cls = impls.ROUTERS[preset.router if preset else name]
+    fixed = dict(preset.options) if preset else {}
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    return {"vocab_size": setup.vocab_size} if "vocab_size" in fields and "vocab_size" not in fixed else {}
+
+
 def measure_router(name: str, kind: str, setup: MeasureSetup, num_experts: int | None = None) -> Measurement:
     """Route the setup's batch with router or preset ``name``; errors are reported, not raised.
 
@@ -304,15 +349,18 @@ def measure_router(name: str, kind: str, setup: MeasureSetup, num_experts: int |
         torch.manual_seed(setup.seed)
         with warnings.catch_warnings():  # e.g. "not causal": advice for decoders, not an error here
             warnings.simplefilter("ignore", UserWarning)
-            router = impls.build_router(name, d_model=setup.d_model, num_experts=E)
+            router = impls.build_router(
+                name, d_model=setup.d_model, num_experts=E, **_build_options(name, setup)
+            )
         router.train()
-        x_TD = setup.batch()
+        x_TD, labels = setup.batch_and_labels()
+        inputs = setup.routing_inputs(router, labels)
         times = []
         with torch.no_grad():
             for i in range(setup.repeats + 1):
                 torch.manual_seed(setup.seed)  # same jitter/noise every run
                 t0 = time.perf_counter()
-                plan = router(x_TD)
+                plan = router(x_TD, **inputs)
                 if i:
                     times.append((time.perf_counter() - t0) * 1e3)
         load = plan.expert_load.float()
