@@ -414,6 +414,23 @@ class Router(nn.Module):
         return f"d_model={self.d_model}, num_experts={self.num_experts}, config={self.config}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class SequenceRouterConfig(RouterConfig):
+    """Options of a ``SequenceRouter``: the token-choice options that make no sense there are refused."""
+
+    def validate(self, num_experts: int) -> None:
+        super().validate(num_experts)
+        self.reject_token_choice_options()
+
+    def reject_token_choice_options(self) -> None:
+        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+            raise ValueError(
+                "this router drops no token (no expert has a capacity); capacity_factor is not supported"
+            )
+        if self.jitter_eps:
+            raise ValueError("this router uses no input jitter; jitter_eps is not supported")
+
+
 class SequenceRouter(Router):
     """Base of the routers whose decision is dense over a whole sequence (``plan_type`` ``"slots"`` or
     ``"merge"``): Soft MoE's slots, SMEAR's and Lory's merged experts.

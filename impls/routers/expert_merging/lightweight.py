@@ -67,7 +67,7 @@ from torch import nn
 from impls.functional import topk
 from impls.plan import MergePlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import RouterConfig, SequenceRouter
+from impls.router import RouterConfig, SequenceRouter, SequenceRouterConfig
 from impls.routers.token_merging.soft_moe import SoftMoERouter
 
 __all__ = [
@@ -84,7 +84,7 @@ __all__ = [
 
 
 @dataclass(frozen=True, kw_only=True)
-class TokenMergeConfig(RouterConfig):
+class TokenMergeConfig(SequenceRouterConfig):
     """Options of ``TokenMergeRouter``.
 
     Attributes:
@@ -101,10 +101,7 @@ class TokenMergeConfig(RouterConfig):
             raise ValueError(f"k must be None or in [1, num_experts={num_experts}], got k={self.k}")
         if not self.init_std >= 0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
-            raise ValueError("expert merging drops nothing; capacity_factor is not supported")
-        if self.jitter_eps:
-            raise ValueError("expert merging uses no input jitter; jitter_eps is not supported")
+        self.reject_token_choice_options()
 
 
 @register_router

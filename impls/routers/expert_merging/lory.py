@@ -60,13 +60,13 @@ from torch import nn
 
 from impls.plan import MergePlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import RouterConfig, SequenceRouter
+from impls.router import RouterConfig, SequenceRouter, SequenceRouterConfig
 
 __all__ = ["LORY_03B", "LoryConfig", "LoryRouter"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoryConfig(RouterConfig):
+class LoryConfig(SequenceRouterConfig):
     """Options of ``LoryRouter``.
 
     Attributes:
@@ -89,10 +89,6 @@ class LoryConfig(RouterConfig):
             raise ValueError(f"eval_routing must be 'segment' or 'prompt', got {self.eval_routing!r}")
         if self.first_segment not in ("own", "uniform"):
             raise ValueError(f"first_segment must be 'own' or 'uniform', got {self.first_segment!r}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
-            raise ValueError("expert merging drops nothing; capacity_factor is not supported")
-        if self.jitter_eps:
-            raise ValueError("expert merging uses no input jitter; jitter_eps is not supported")
 
 
 @register_router

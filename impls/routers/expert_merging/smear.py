@@ -63,7 +63,7 @@ from torch import nn
 
 from impls.plan import MergePlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import RouterConfig, SequenceRouter
+from impls.router import RouterConfig, SequenceRouter, SequenceRouterConfig
 
 __all__ = ["MEO", "SMEAR", "MEOConfig", "MEORouter", "SMEARConfig", "SMEARRouter", "masked_mean_pool"]
 
@@ -75,7 +75,7 @@ def masked_mean_pool(x_BLD: torch.Tensor, token_mask_BL: torch.Tensor) -> torch.
 
 
 @dataclass(frozen=True, kw_only=True)
-class SMEARConfig(RouterConfig):
+class SMEARConfig(SequenceRouterConfig):
     """Options of ``SMEARRouter``.
 
     Attributes:
@@ -96,10 +96,6 @@ class SMEARConfig(RouterConfig):
             raise ValueError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
         if not (math.isfinite(self.init_std) and self.init_std >= 0):
             raise ValueError(f"init_std must be a finite number >= 0, got {self.init_std}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
-            raise ValueError("expert merging drops nothing; capacity_factor is not supported")
-        if self.jitter_eps:
-            raise ValueError("expert merging uses no input jitter; jitter_eps is not supported")
 
 
 @register_router
@@ -161,7 +157,7 @@ class SMEARRouter(SequenceRouter):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MEOConfig(RouterConfig):
+class MEOConfig(SequenceRouterConfig):
     """Options of ``MEORouter``.
 
     Attributes:
@@ -178,10 +174,6 @@ class MEOConfig(RouterConfig):
         super().validate(num_experts)
         if self.k < 2:
             raise ValueError("MEO's noisy top-k gate needs k >= 2 (with k=1 the merged weight is always 1)")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
-            raise ValueError("expert merging drops nothing; capacity_factor is not supported")
-        if self.jitter_eps:
-            raise ValueError("expert merging uses no input jitter; jitter_eps is not supported")
 
 
 @register_router

@@ -59,9 +59,10 @@ from typing import Any, Literal
 
 import torch
 
-from impls.plan import RoutingPlan, every_slot_plan
+from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig
+from impls.router import RouterConfig
+from impls.routers.non_trainable._gateless import GatelessRouter
 
 __all__ = ["HASH_LAYER", "HashConfig", "HashRouter", "balanced_table", "clustered_table", "random_table"]
 
@@ -141,7 +142,7 @@ class HashConfig(RouterConfig):
 
 
 @register_router
-class HashRouter(Router):
+class HashRouter(GatelessRouter):
     """Hash layer (Roller et al., NeurIPS 2021): expert = table[token id], weight 1, no parameters."""
 
     name = "hash"
@@ -161,7 +162,6 @@ class HashRouter(Router):
         **options: Any,
     ):
         super().__init__(d_model, num_experts, config, **options)
-        self.gate = None  # no gate parameters
         cfg = self.config
         if table is None:
             if cfg.hash != "random":
@@ -222,26 +222,13 @@ class HashRouter(Router):
     def input_ranges(self) -> dict[str, int]:
         return {"token_ids": self.config.vocab_size}
 
-    @property
-    def combine_normalization(self) -> float:
-        return 1.0
-
     def bucket_loads(self, counts_V: torch.Tensor) -> torch.Tensor:
         """``float [E]``: tokens each expert would receive on a corpus with unigram counts ``counts_V``."""
         loads = torch.zeros(self.num_experts, dtype=torch.float64)
         return loads.index_add_(0, self.table_V.cpu(), torch.as_tensor(counts_V, dtype=torch.float64)).float()
 
-    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        # no gate: zero logits, which still carry a non-finite input into the edge check
-        return (x_TD.sum(-1, keepdim=True) * 0.0).expand(-1, self.num_experts)
-
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
-        ids_T = self.table_V[self.inputs["token_ids"]]
-        ids_TK = ids_T[:, None]
-        scores_TE = torch.nn.functional.one_hot(ids_T, self.num_experts).float()
-        return every_slot_plan(
-            ids_TK, torch.ones_like(ids_TK, dtype=torch.float32), scores_TE, logits_TE, token_mask_T
-        )
+        return self.one_expert_plan(self.table_V[self.inputs["token_ids"]], logits_TE, token_mask_T)
 
 
 HASH_LAYER = register_preset(

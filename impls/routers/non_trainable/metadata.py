@@ -77,6 +77,7 @@ from impls.functional import load_balance_loss, topk
 from impls.plan import RoutingPlan, every_slot_plan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
+from impls.routers.non_trainable._gateless import GatelessRouter
 
 __all__ = [
     "DEMIX",
@@ -96,10 +97,6 @@ __all__ = [
     "demix_posterior",
     "update_prior",
 ]
-
-
-def _zero_logits(x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return (x_TD.sum(-1, keepdim=True) * 0.0).expand(-1, num_experts)
 
 
 # ---------------------------------------------------------------------------------- labels
@@ -143,7 +140,7 @@ class LabelConfig(RouterConfig):
 
 
 @register_router
-class LabelRouter(Router):
+class LabelRouter(GatelessRouter):
     """Route by a given label (DEMix domain, M2M-100 language group): expert = map[label], weight 1."""
 
     name = "label"
@@ -155,7 +152,6 @@ class LabelRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
         super().__init__(d_model, num_experts, config, **options)
-        self.gate = None
         cfg = self.config
         m = cfg.label_to_expert if cfg.label_to_expert is not None else range(num_experts)
         self.register_buffer("expert_of_label", torch.tensor(list(m), dtype=torch.long))
@@ -166,13 +162,6 @@ class LabelRouter(Router):
 
     def input_ranges(self) -> dict[str, int]:
         return {"label_ids": self.num_labels}
-
-    @property
-    def combine_normalization(self) -> float:
-        return 1.0
-
-    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return _zero_logits(x_TD, self.num_experts)
 
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         E = self.num_experts
@@ -282,7 +271,7 @@ class TaskRouter(Router):
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # the gate never reads the token: only its task; x enters as 0 * x for the edge checks
-        return _zero_logits(x_TD, self.num_experts)
+        return GatelessRouter.compute_logits(self, x_TD)
 
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         task_TD = self.task_embedding.weight.float()[self.inputs["task_ids"]]
@@ -378,7 +367,7 @@ class AttributeRouter(Router):
         return 1.0
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return _zero_logits(x_TD, self.num_experts)
+        return GatelessRouter.compute_logits(self, x_TD)
 
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         a_TN = self.attributes_AN[self.inputs["attribute_ids"]]

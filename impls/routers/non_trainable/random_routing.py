@@ -61,9 +61,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from impls.plan import RoutingPlan, every_slot_plan
+from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig
+from impls.router import RouterConfig
+from impls.routers.non_trainable._gateless import GatelessRouter
 
 __all__ = [
     "PANGU_SIGMA",
@@ -132,7 +133,7 @@ class ThorConfig(RouterConfig):
 
 
 @register_router
-class ThorRouter(Router):
+class ThorRouter(GatelessRouter):
     """THOR (Zuo et al., ICLR 2022): one uniformly random expert per batch in training, no gate."""
 
     name = "thor"
@@ -143,14 +144,6 @@ class ThorRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
         super().__init__(d_model, num_experts, config, **options)
-        self.gate = None  # no gate parameters
-
-    @property
-    def combine_normalization(self) -> float:
-        return 1.0
-
-    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return (x_TD.sum(-1, keepdim=True) * 0.0).expand(-1, self.num_experts)
 
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         T, E, dev = logits_TE.shape[0], self.num_experts, logits_TE.device
@@ -164,11 +157,8 @@ class ThorRouter(Router):
             ids_T = torch.randint(0, E, (n,), generator=g).to(dev, non_blocking=True)
             if seq:
                 ids_T = ids_T.repeat_interleave(seq)
-        ids_TK = ids_T[:, None].contiguous()
-        scores = torch.full_like(logits_TE, 1.0 / E)
-        return every_slot_plan(
-            ids_TK, torch.ones_like(ids_TK, dtype=torch.float32), scores, logits_TE, token_mask_T
-        )
+        # the scores are the draw's distribution: uniform over the experts
+        return self.one_expert_plan(ids_T, logits_TE, token_mask_T, torch.full_like(logits_TE, 1.0 / E))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,7 +189,7 @@ class RandomRoutedExpertsConfig(RouterConfig):
 
 
 @register_router
-class RandomRoutedExpertsRouter(Router):
+class RandomRoutedExpertsRouter(GatelessRouter):
     """PanGu-Σ Random Routed Experts (Ren et al. 2023): domain -> group, token id -> fixed random expert."""
 
     name = "random_routed_experts"
@@ -211,7 +201,6 @@ class RandomRoutedExpertsRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
         super().__init__(d_model, num_experts, config, **options)
-        self.gate = None
         cfg = self.config
         per = num_experts // cfg.num_domains
         g = torch.Generator().manual_seed(cfg.seed)
@@ -227,20 +216,9 @@ class RandomRoutedExpertsRouter(Router):
     def input_ranges(self) -> dict[str, int]:
         return {"token_ids": self.config.vocab_size, "domain_ids": self.config.num_domains}
 
-    @property
-    def combine_normalization(self) -> float:
-        return 1.0
-
-    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return (x_TD.sum(-1, keepdim=True) * 0.0).expand(-1, self.num_experts)
-
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         ids_T = self.table_NV[self.inputs["domain_ids"], self.inputs["token_ids"]]
-        ids_TK = ids_T[:, None]
-        scores = F.one_hot(ids_T, self.num_experts).float()
-        return every_slot_plan(
-            ids_TK, torch.ones_like(ids_TK, dtype=torch.float32), scores, logits_TE, token_mask_T
-        )
+        return self.one_expert_plan(ids_T, logits_TE, token_mask_T)
 
 
 THOR_IWSLT = register_preset(

@@ -73,7 +73,7 @@ from torch import nn
 
 from impls.plan import SlotPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import RouterConfig, SequenceRouter
+from impls.router import RouterConfig, SequenceRouter, SequenceRouterConfig
 
 __all__ = ["HOMOE", "SOFT_MOE", "SoftMoEConfig", "SoftMoERouter", "l2_normalize"]
 
@@ -87,7 +87,7 @@ def l2_normalize(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SoftMoEConfig(RouterConfig):
+class SoftMoEConfig(SequenceRouterConfig):
     """Options of ``SoftMoERouter``.
 
     Attributes:
@@ -108,10 +108,6 @@ class SoftMoEConfig(RouterConfig):
             raise ValueError(f"slots_per_expert must be an int >= 1, got {self.slots_per_expert!r}")
         if not (math.isfinite(self.scale_init) and self.scale_init > 0):
             raise ValueError(f"scale_init must be a finite number > 0, got {self.scale_init}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
-            raise ValueError("Soft MoE drops nothing; capacity_factor is not supported")
-        if self.jitter_eps:
-            raise ValueError("Soft MoE uses no input jitter; jitter_eps is not supported")
 
 
 @register_router
