@@ -53,14 +53,14 @@ assert torch.equal(layer(x2)[0][:, :24], y[:, :24])          # earlier segments 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from impls.plan import MergePlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import RouterConfig, SequenceRouter, SequenceRouterConfig
+from impls.router import SequenceRouter, SequenceRouterConfig
 
 __all__ = ["LORY_03B", "LoryConfig", "LoryRouter"]
 
@@ -101,9 +101,6 @@ class LoryRouter(SequenceRouter):
     plan_type = "merge"
     Config = LoryConfig
     config: LoryConfig
-
-    def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
-        super().__init__(d_model, num_experts, config, **options)
 
     @property
     def is_causal(self) -> bool:
