@@ -235,9 +235,9 @@ def provenance(corpus: Corpus) -> dict[str, str]:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        )
+        # results written by earlier runs are not a change to the code that produced them
+        status = ["git", "status", "--porcelain", "--", ".", ":!scripts/arena/results"]
+        dirty = bool(subprocess.run(status, cwd=ROOT, capture_output=True, text=True).stdout)
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     cpu = "unknown CPU"
