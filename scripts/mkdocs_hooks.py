@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("mkdocs.hooks.moe_atlas")
-WATCHED = ("catalog/data", "catalog", "impls", "scripts/sitegen", "scripts/results")
+WATCHED = ("catalog/data", "catalog", "impls", "scripts/sitegen", "scripts/results", "scripts/arena/results")
 
 
 def _fresh_imports() -> None:
@@ -63,6 +63,7 @@ def on_config(config):
     from mkdocs.exceptions import PluginError
 
     import catalog
+    from scripts.sitegen.arena import load_results
     from scripts.sitegen.generate import generate
     from scripts.sitegen.routers import discover, tested_routers
 
@@ -82,6 +83,7 @@ def on_config(config):
         families,
         tested_routers(families, ROOT / "tests"),
         site_url=config.site_url or "http://127.0.0.1:8000/",
+        arena=load_results(),
     )
     config.nav = generated.nav
     config.mdx_configs["pymdownx.snippets"]["base_path"] = [config.docs_dir]

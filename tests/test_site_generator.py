@@ -176,7 +176,7 @@ def test_href_and_page_url_follow_directory_urls():
 def test_navigation_mirrors_the_taxonomy_and_lists_router_families(site, cat):
     _, result = site
     nav = result.nav
-    assert [next(iter(e)) for e in nav] == ["Home", "Taxonomy", "Catalog", "Routers", "Errata"]
+    assert [next(iter(e)) for e in nav] == ["Home", "Taxonomy", "Catalog", "Routers", "Arena", "Errata"]
     assert nav[2]["Catalog"] == [
         "generated/catalog.md",
         {"Authors": "generated/authors.md"},

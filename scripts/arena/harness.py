@@ -436,7 +436,7 @@ def _train(name, model, seed, corpus, cfg, progress) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
             train_time += time.perf_counter() - t0
-            train_losses.append(float(ce))
+            train_losses.append(float(ce.detach()))
             if progress is not None:
                 progress(1)
     finally:

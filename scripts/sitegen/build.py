@@ -73,7 +73,11 @@ def build_site(
     tested = tested_routers(families, REPO / "tests")
     t1 = time.perf_counter()
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    generated = generate(cat, docs_dir, families, tested, setup=setup, now=now, progress=progress)
+    from scripts.sitegen.arena import load_results
+
+    generated = generate(
+        cat, docs_dir, families, tested, setup=setup, now=now, progress=progress, arena=load_results()
+    )
     t2 = time.perf_counter()
     config = load_config(
         str(MKDOCS_YML),

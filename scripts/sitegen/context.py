@@ -66,6 +66,8 @@ class SiteContext:
     cat: Catalog
     families: list[RouterFamily] = field(default_factory=list)
     tested_routers: set[str] = field(default_factory=set)
+    arena: list[dict] = field(default_factory=list)
+    """Arena run results (``scripts/arena/results/*.json``), for the Arena page and router pages."""
     cited_by: dict[str, list[str]] = field(default_factory=dict)
     """Slug -> slugs of catalog works whose fetched record lists it among its references."""
     branch_of: dict[str, str] = field(default_factory=dict)

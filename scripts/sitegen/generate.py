@@ -37,6 +37,7 @@ from scripts.sitegen.context import (
     node_doc,
     work_doc,
 )
+from scripts.sitegen.pages_arena import ARENA, arena_page
 from scripts.sitegen.pages_catalog import (
     catalog_page,
     errata_page,
@@ -97,6 +98,7 @@ def generate(
     now: dt.datetime | None = None,
     progress: bool = False,
     site_url: str = "http://127.0.0.1:8000/",
+    arena: list[dict[str, Any]] | None = None,
 ) -> GeneratedSite:
     """Write the generated part of the site into ``docs_dir/generated``; return files and nav.
 
@@ -108,6 +110,7 @@ def generate(
     """
     docs_dir = Path(docs_dir)
     ctx = SiteContext.build(cat, list(families or []), set(tested_routers or ()))
+    ctx.arena = list(arena or [])
     setup = setup or MeasureSetup()
     _claim(docs_dir / GEN)
     written: list[str] = []
@@ -141,6 +144,7 @@ def generate(
         json.dumps(export_catalog(cat, generated_at=stamp), ensure_ascii=False, separators=(",", ":")),
     )
     write(ROUTERS_INDEX, routers_index(ctx))
+    write(ARENA, arena_page(ctx, ctx.arena))
     for fam in ctx.families:
         write(family_doc(fam.name), family_page(ctx, fam, setup))
     write(AUTHORS, authors_page(ctx))
@@ -157,6 +161,7 @@ def generate(
         {"Taxonomy": root_entry if isinstance(root_entry, list) else [root_entry]},
         {"Catalog": [CATALOG, {"Authors": AUTHORS}, {"What's new": WHATS_NEW}]},
         {"Routers": [ROUTERS_INDEX, *routers_nav(ctx)]},
+        {"Arena": ARENA},
         {"Errata": ERRATA},
     ]
     if report is not None:

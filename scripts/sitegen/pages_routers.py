@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from scripts.sitegen.context import ROUTERS_INDEX, SiteContext, family_doc, node_doc, work_doc
+from scripts.sitegen.pages_arena import family_arena
 from scripts.sitegen.pages_works import work_link
 from scripts.sitegen.routers import Measurement, MeasureSetup, RouterFamily
 from scripts.sitegen.svg import load_bars
@@ -209,26 +210,30 @@ def family_page(ctx: SiteContext, fam: RouterFamily, setup: MeasureSetup) -> str
     out += [f"- {work_link(ctx, doc, s)}" for s in slugs] if slugs else ["No catalog work is linked yet."]
     out.append("")
 
-    out += ["## Measured behaviour", "", f"Measured when this site was built: {setup.describe()}.", ""]
-    out += _measure_table(fam)
-    out += [
-        "*Max/mean load* is the busiest expert's token count over the mean (1.00 = perfectly even); "
-        "the bars show tokens per expert with the dashed line at the mean. *Dropped* is the share of "
-        "chosen assignments over capacity; *experts / token* counts the experts that compute each "
-        "token after drops; *confidence* is the mean largest router score per token; *ms* is the "
-        "router's forward time.",
-        "",
-    ]
-    if any(r.plan_type != "tokens" for r in fam.routers):
+    arena = family_arena(ctx, fam, ctx.arena)
+    if arena is not None:
+        out += arena
+    else:
+        out += ["## Measured behaviour", "", f"Measured when this site was built: {setup.describe()}.", ""]
+        out += _measure_table(fam)
         out += [
-            "These routers assign no token to an expert: every token reaches every expert with a "
-            "weight (its combine weights over the slots, for Soft MoE; its group's merge weights, "
-            "for merged experts). The *load* is then counted in token-equivalents, each token's "
-            "weights over the experts summed over the batch (the loads add up to the number of "
-            "tokens); *experts / token* counts the experts with a non-zero weight, and *confidence* "
-            "is the mean largest weight a token gives one expert.",
+            "*Max/mean load* is the busiest expert's token count over the mean (1.00 = perfectly even); "
+            "the bars show tokens per expert with the dashed line at the mean. *Dropped* is the share of "
+            "chosen assignments over capacity; *experts / token* counts the experts that compute each "
+            "token after drops; *confidence* is the mean largest router score per token; *ms* is the "
+            "router's forward time.",
             "",
         ]
+        if any(r.plan_type != "tokens" for r in fam.routers):
+            out += [
+                "These routers assign no token to an expert: every token reaches every expert with a "
+                "weight (its combine weights over the slots, for Soft MoE; its group's merge weights, "
+                "for merged experts). The *load* is then counted in token-equivalents, each token's "
+                "weights over the experts summed over the batch (the loads add up to the number of "
+                "tokens); *experts / token* counts the experts with a non-zero weight, and *confidence* "
+                "is the mean largest weight a token gives one expert.",
+                "",
+            ]
     extra = EXTRA_MEASUREMENTS.get(fam.name)
     if extra is not None:
         out += extra()

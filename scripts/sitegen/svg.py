@@ -124,3 +124,144 @@ def load_bars(load: Sequence[float], width: int = 160, height: int = 36) -> str:
     parts.append(f'<line x1="0" x2="{width}" y1="{_num(my)}" y2="{_num(my)}"/>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _y_label(text: str, y: float) -> str:
+    """A y-axis title, rotated, centred at height ``y``."""
+    return (
+        f'<text x="12" y="{y:.0f}" text-anchor="middle" transform="rotate(-90 12 {y:.0f})">{h(text)}</text>'
+    )
+
+
+def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    return [lo + (hi - lo) * i / n for i in range(n + 1)]
+
+
+def line_chart(
+    series: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    x_label: str,
+    y_label: str,
+    *,
+    highlight: Sequence[str] = (),
+    width: int = 640,
+    height: int = 300,
+) -> str:
+    """Curves of ``(x, y)`` points, one per named series; ``highlight`` draws some in front, thicker.
+
+    Each curve carries a ``<title>`` with its name and last value; the axes are linear, with the
+    y range fitted to the data.
+    """
+    pts = [p for _, s in series for p in s]
+    if not pts:
+        return ""
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    if y1 <= y0:
+        y1 = y0 + 1.0
+    left, right, top, bottom = 48, 12, 12, 36
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / ((x1 - x0) or 1) * pw
+
+    def py(y: float) -> float:
+        return top + (1 - (y - y0) / (y1 - y0)) * ph
+
+    parts = [
+        f'<svg class="atlas-chart atlas-lines" role="img" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}"><title>{h(f"{y_label} against {x_label}")}</title>'
+    ]
+    for t in _ticks(y0, y1):
+        parts.append(
+            f'<line class="grid" x1="{left}" x2="{width - right}" y1="{_num(py(t))}" y2="{_num(py(t))}"/>'
+        )
+        parts.append(f'<text x="{left - 4}" y="{_num(py(t) + 4)}" text-anchor="end">{t:.2f}</text>')
+    for t in _ticks(x0, x1):
+        parts.append(f'<text x="{_num(px(t))}" y="{height - 20}" text-anchor="middle">{t:,.0f}</text>')
+    parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 4}" text-anchor="middle">{h(x_label)}</text>')
+    parts.append(_y_label(y_label, top + ph / 2))
+    order = [s for s in series if s[0] not in highlight] + [s for s in series if s[0] in highlight]
+    for name, s in order:
+        if not s:
+            continue
+        poly = " ".join(f"{_num(px(x))},{_num(py(y))}" for x, y in s)
+        cls = "hi" if name in highlight else "lo"
+        parts.append(
+            f'<polyline class="{cls}" points="{poly}" fill="none">'
+            f"<title>{h(f'{name}: {s[-1][1]:.3f}')}</title></polyline>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def scatter(
+    points: Sequence[tuple[str, float, float]],
+    x_label: str,
+    y_label: str,
+    *,
+    width: int = 640,
+    height: int = 320,
+) -> str:
+    """Named points ``(name, x, y)``, each a dot with its name as a label and a ``<title>``."""
+    if not points:
+        return ""
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1.0), (y1 if y1 > y0 else y0 + 1.0)
+    left, right, top, bottom = 48, 90, 12, 36
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def py(y: float) -> float:
+        return top + (1 - (y - y0) / (y1 - y0)) * ph
+
+    parts = [
+        f'<svg class="atlas-chart atlas-scatter" role="img" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}"><title>{h(f"{y_label} against {x_label}")}</title>'
+    ]
+    for t in _ticks(y0, y1):
+        parts.append(
+            f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{_num(py(t))}" y2="{_num(py(t))}"/>'
+        )
+        parts.append(f'<text x="{left - 4}" y="{_num(py(t) + 4)}" text-anchor="end">{t:.2f}</text>')
+    for t in _ticks(x0, x1):
+        parts.append(f'<text x="{_num(px(t))}" y="{height - 20}" text-anchor="middle">{t:.2f}</text>')
+    parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 4}" text-anchor="middle">{h(x_label)}</text>')
+    parts.append(_y_label(y_label, top + ph / 2))
+    for name, x, y in points:
+        parts.append(
+            f'<circle cx="{_num(px(x))}" cy="{_num(py(y))}" r="3.5">'
+            f"<title>{h(f'{name}: {x:.3f}, {y:.3f}')}</title></circle>"
+            f'<text x="{_num(px(x) + 5)}" y="{_num(py(y) + 3)}">{h(name)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def hbars(items: Sequence[tuple[str, float]], unit: str, *, width: int = 640, row: int = 16) -> str:
+    """Horizontal bars, one per ``(name, value)``, longest first as given, value printed at the end."""
+    if not items:
+        return ""
+    top = max(v for _, v in items) or 1.0
+    label_w, value_w = 170, 70
+    bw = width - label_w - value_w
+    height = row * len(items) + 4
+    parts = [
+        f'<svg class="atlas-chart atlas-bars" role="img" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}"><title>{h(unit)}</title>'
+    ]
+    for i, (name, v) in enumerate(items):
+        y = 2 + i * row
+        w = bw * max(v, 0) / top
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + row - 4}" text-anchor="end">{h(name)}</text>'
+            f'<rect x="{label_w}" y="{y + 2}" width="{_num(w)}" height="{row - 4}">'
+            f"<title>{h(f'{name}: {v:g} {unit}')}</title></rect>"
+            f'<text x="{_num(label_w + w + 4)}" y="{y + row - 4}">{v:,.3g}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)

@@ -1,6 +1,7 @@
-/* Sort and filter the catalog table (table.atlas-table) in the browser.
+/* Sort and filter the catalog table (table.atlas-table) in the browser, and sort every
+   table.atlas-sortable (the arena's results).
    Click a column heading to sort (again to reverse); cells marked data-missing (a work without a
-   citation count) always sort last. The filter box matches every cell plus the row's slug, arXiv
+   citation count, a run without a value) always sort last. The filter box matches every cell plus the row's slug, arXiv
    id, DOI and every author; the branch menu keeps works under one taxonomy branch. */
 (function () {
   "use strict";
@@ -56,13 +57,9 @@
     counter.textContent = shown + " of " + rows.length + " works";
   }
 
-  function init() {
-    var table = document.getElementById("atlas-catalog");
-    if (!table || table.dataset.atlasReady) return;
+  function sortable(table) {
+    if (table.dataset.atlasReady) return;
     table.dataset.atlasReady = "1";
-    var input = document.getElementById("atlas-filter");
-    var branch = document.getElementById("atlas-branch");
-    var counter = document.getElementById("atlas-count");
     Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th) {
       th.tabIndex = 0;
       th.addEventListener("click", function () { sortBy(table, th); });
@@ -70,6 +67,16 @@
         if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(table, th); }
       });
     });
+  }
+
+  function init() {
+    Array.prototype.forEach.call(document.querySelectorAll("table.atlas-sortable"), sortable);
+    var table = document.getElementById("atlas-catalog");
+    if (!table || table.dataset.atlasReady) return;
+    var input = document.getElementById("atlas-filter");
+    var branch = document.getElementById("atlas-branch");
+    var counter = document.getElementById("atlas-count");
+    sortable(table);
     var update = function () { applyFilter(table, input, branch, counter); };
     input.addEventListener("input", update);
     branch.addEventListener("change", update);
