@@ -247,6 +247,31 @@ def test_catalog_table_sorts_and_filters(page, real_url):
     assert page.problems == []
 
 
+def test_arena_table_sorts_numbers_with_missing_values_last(page, real_url):
+    from scripts.sitegen.arena import load_results
+
+    if not any(r["status"] == "ok" for r in load_results()):
+        pytest.skip("no arena results committed")
+    p = page.page
+    p.goto(f"{real_url}generated/arena/", wait_until="networkidle")
+    heads = p.locator("#atlas-arena thead th").all_inner_texts()
+
+    def column(title: str) -> list[str]:
+        i = heads.index(title) + 1
+        return p.locator(f"#atlas-arena tbody td:nth-child({i})").all_inner_texts()
+
+    for title in ("Tokens/s", "Val bpb", "± seeds"):
+        for _ in range(2):  # ascending, then descending
+            p.locator("#atlas-arena th", has_text=title).first.click()
+            cells = column(title)
+            values = [float(c.replace(",", "")) for c in cells if c != "—"]
+            order = p.locator("#atlas-arena th", has_text=title).first.get_attribute("aria-sort")
+            assert values == sorted(values, reverse=order == "descending"), (title, order)
+            assert all(c == "—" for c in cells[len(values) :])  # missing values stay last
+    assert p.locator("svg.atlas-lines polyline").count() >= 2
+    assert page.problems == []
+
+
 def test_injected_title_shows_as_text_and_runs_no_script(page, xss_url):
     p = page.page
     p.goto(f"{xss_url}generated/works/xss-work/", wait_until="networkidle")
@@ -272,6 +297,7 @@ LAYOUT_PAGES = (
     "generated/catalog/",
     "generated/works/switch-transformer/",
     "generated/authors/",
+    "generated/arena/",
 )
 VIEWPORTS = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
 LAYOUT_CHECK = """

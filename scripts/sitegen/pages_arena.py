@@ -29,57 +29,62 @@ def _num_cell(x: float | None, digits: int = 3) -> str:
 def _family_link(ctx: SiteContext, doc: str, name: str) -> str:
     for fam in ctx.families:
         if name in {r.name for r in fam.routers} | {p.name for p in fam.presets}:
-            return f'<a href="{h(href(doc, family_doc(fam.name)))}"><code>{h(name)}</code></a>'
-    return f"<code>{h(name)}</code>"
+            return f'<a href="{h(href(doc, family_doc(fam.name)))}"><code>{_breakable(name)}</code></a>'
+    return f"<code>{_breakable(name)}</code>"
 
 
-def results_table(ctx: SiteContext, doc: str, summaries: list[Summary], table_id: str) -> list[str]:
-    """A sortable HTML table: one row per entry with runs (means over seeds)."""
-    heads = [
-        ("Name", "text"),
-        ("Kind", "text"),
-        ("Seeds", "number"),
-        ("Val bpb", "number"),
-        ("± seeds", "number"),
-        *((f"bpb {d}", "number") for d in DOMAINS),
-        ("Tokens/s", "number"),
-        ("Router share", "number"),
-        ("Active FFN width", "number"),
-        ("Max/mean load", "number"),
-        ("CV", "number"),
-        ("Gini", "number"),
-        ("Dropped", "number"),
-        ("Entropy (nats)", "number"),
-        ("Confidence", "number"),
-        ("Top expert changed", "number"),
-        ("MI domain (bits)", "number"),
+def _breakable(name: str) -> str:
+    """A registry name that may wrap after its underscores in a narrow column."""
+    return "_<wbr>".join(h(part) for part in name.split("_"))
+
+
+#: the three tables' columns: (heading, type, value of a Summary, digits)
+MAIN_COLUMNS = (
+    ("Kind", "text", lambda s: s.kind, None),
+    ("Seeds", "number", lambda s: len(s.seeds), 0),
+    ("Val bpb", "number", lambda s: s.final("val_bpb")[0], 3),
+    ("± seeds", "number", lambda s: s.final("val_bpb")[1] if len(s.seeds) > 1 else None, 3),
+    ("Tokens/s", "number", lambda s: s.speed("tokens_per_second"), 0),
+    ("Active FFN width", "number", lambda s: s.active_width(), 0),
+)
+BALANCE_COLUMNS = (
+    ("Max/mean load", "number", lambda s: s.routing("max_over_mean"), 2),
+    ("Gini", "number", lambda s: s.routing("gini"), 3),
+    ("CV", "number", lambda s: s.routing("cv"), 2),
+    ("Dropped", "number", lambda s: s.routing("fraction_dropped"), 3),
+    ("Top expert changed", "number", lambda s: s.routing("top_expert_changed"), 3),
+    ("MI domain (bits)", "number", lambda s: s.routing("domain_mi_bits"), 3),
+)
+DETAIL_COLUMNS = (
+    *((f"bpb {d}", "number", (lambda s, d=d: s.bpb_domain(d)), 3) for d in DOMAINS),
+    ("Router share", "number", lambda s: s.speed("router_share"), 3),
+    ("Entropy (nats)", "number", lambda s: s.routing("entropy"), 3),
+    ("Confidence", "number", lambda s: s.routing("confidence"), 3),
+)
+
+
+def _name_cell(ctx: SiteContext, doc: str, name: str) -> str:
+    return f"<td>{_family_link(ctx, doc, name)}</td>"
+
+
+def results_table(
+    ctx: SiteContext, doc: str, summaries: list[Summary], table_id: str, columns=MAIN_COLUMNS
+) -> list[str]:
+    """A sortable HTML table: one row per entry that ran (means over seeds)."""
+    out = [
+        '<div class="md-typeset__scrollwrap"><div class="md-typeset__table">'
+        f'<table class="atlas-table atlas-sortable" id="{h(table_id)}"><thead><tr>'
+        '<th data-type="text" scope="col">Name</th>'
     ]
-    out = [f'<table class="atlas-table atlas-sortable" id="{h(table_id)}"><thead><tr>']
-    out += [f'<th data-type="{t}" scope="col">{h(n)}</th>' for n, t in heads]
+    out += [f'<th data-type="{t}" scope="col">{h(n)}</th>' for n, t, _, _ in columns]
     out.append("</tr></thead><tbody>")
     for s in summaries:
-        m, sd = s.final("val_bpb")
-        cells = [
-            f"<td>{_family_link(ctx, doc, s.name)}</td>",
-            f"<td>{h(s.kind)}</td>",
-            f'<td data-value="{len(s.seeds)}">{len(s.seeds)}</td>',
-            _num_cell(m),
-            _num_cell(sd if len(s.seeds) > 1 else None),
-            *(_num_cell(s.bpb_domain(d)) for d in DOMAINS),
-            _num_cell(s.speed("tokens_per_second"), 0),
-            _num_cell(s.speed("router_share"), 3),
-            _num_cell(s.active_width(), 0),
-            _num_cell(s.routing("max_over_mean"), 2),
-            _num_cell(s.routing("cv"), 2),
-            _num_cell(s.routing("gini"), 3),
-            _num_cell(s.routing("fraction_dropped"), 3),
-            _num_cell(s.routing("entropy"), 3),
-            _num_cell(s.routing("confidence"), 3),
-            _num_cell(s.routing("top_expert_changed"), 3),
-            _num_cell(s.routing("domain_mi_bits"), 3),
-        ]
+        cells = [_name_cell(ctx, doc, s.name)]
+        for _, kind, value, digits in columns:
+            v = value(s)
+            cells.append(f"<td>{h(str(v))}</td>" if kind == "text" else _num_cell(v, digits))
         out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div></div>")
     return ["".join(out), ""]
 
 
@@ -128,6 +133,11 @@ def _provenance(results: list[dict[str, Any]]) -> list[str]:
 def arena_page(ctx: SiteContext, results: list[dict[str, Any]]) -> str:
     doc = ARENA
     out = [
+        "---",
+        "hide:",
+        "  - navigation",
+        "---",
+        "",
         "# Routing arena",
         "",
         "Every router and preset of this site trained on the same real text with the same model, data "
@@ -149,16 +159,31 @@ def arena_page(ctx: SiteContext, results: list[dict[str, Any]]) -> str:
         "## Results",
         "",
         "Means over seeds at the end of training, on validation text; click a heading to sort. "
-        "*Val bpb*: bits per byte (lower is better), averaged over the three domains. *Router share*: "
-        "the part of the training time spent in routers. *Active FFN width*: hidden units that "
-        "compute a token (experts per token × expert width, plus shared experts). *Load*: tokens per "
-        "expert (token-equivalents for merged experts), averaged over layers. *Top expert changed*: "
+        "*Val bpb*: bits per byte (lower is better), averaged over the three domains. Below, *load*: "
+        "tokens per expert (token-equivalents for merged experts), averaged over layers; *top expert "
+        "changed*: "
         "the share of validation tokens whose top expert changed since the previous checkpoint. "
         "*MI domain*: mutual information between a token's domain and its expert, out of "
         "log2(3) = 1.585 bits.",
         "",
     ]
     out += results_table(ctx, doc, ran, "atlas-arena")
+    out += [
+        "*Active FFN width*: the hidden units that compute a token (experts per token × expert width, "
+        "plus shared experts); a top-2 router has 512.",
+        "",
+        "### Balance and specialization",
+        "",
+    ]
+    out += results_table(ctx, doc, ran, "atlas-arena-balance", BALANCE_COLUMNS)
+    out += [
+        "### Per domain and router details",
+        "",
+        "Bits per byte on each domain, the share of training time spent in routers, the entropy of the "
+        "router's scores (nats) and their largest value per token.",
+        "",
+    ]
+    out += results_table(ctx, doc, ran, "atlas-arena-details", DETAIL_COLUMNS)
     series = [(s.name, s.curve(0) or s.curve()) for s in ran]
     out += [
         "## Loss curves",
@@ -246,6 +271,8 @@ def family_arena(ctx: SiteContext, fam: RouterFamily, results: list[dict[str, An
     ]
     if ran:
         out += results_table(ctx, doc, ran, f"atlas-arena-{fam.name}")
+        out += results_table(ctx, doc, ran, f"atlas-arena-{fam.name}-balance", BALANCE_COLUMNS)
+        out += results_table(ctx, doc, ran, f"atlas-arena-{fam.name}-details", DETAIL_COLUMNS)
         everyone = summarize(results)
         series = [(s.name, s.curve(0) or s.curve()) for s in everyone.values() if s.ok]
         out += [

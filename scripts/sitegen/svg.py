@@ -126,6 +126,10 @@ def load_bars(load: Sequence[float], width: int = 160, height: int = 36) -> str:
     return "".join(parts)
 
 
+def _fmt_value(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _y_label(text: str, y: float) -> str:
     """A y-axis title, rotated, centred at height ``y``."""
     return (
@@ -160,7 +164,7 @@ def line_chart(
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     if y1 <= y0:
         y1 = y0 + 1.0
-    left, right, top, bottom = 48, 12, 12, 36
+    left, right, top, bottom = 48, 130 if highlight else 12, 12, 36
     pw, ph = width - left - right, height - top - bottom
 
     def px(x: float) -> float:
@@ -183,6 +187,7 @@ def line_chart(
     parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 4}" text-anchor="middle">{h(x_label)}</text>')
     parts.append(_y_label(y_label, top + ph / 2))
     order = [s for s in series if s[0] not in highlight] + [s for s in series if s[0] in highlight]
+    ends: list[tuple[float, float, str]] = []
     for name, s in order:
         if not s:
             continue
@@ -192,6 +197,13 @@ def line_chart(
             f'<polyline class="{cls}" points="{poly}" fill="none">'
             f"<title>{h(f'{name}: {s[-1][1]:.3f}')}</title></polyline>"
         )
+        if name in highlight:
+            ends.append((py(s[-1][1]), px(s[-1][0]), name))
+    last = -1e9
+    for ly, lx, name in sorted(ends):  # label the highlighted curves where they end, 10 px apart
+        ly = max(ly, last + 10)
+        last = ly
+        parts.append(f'<text class="end" x="{_num(lx + 4)}" y="{_num(ly + 3)}">{h(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -261,7 +273,7 @@ def hbars(items: Sequence[tuple[str, float]], unit: str, *, width: int = 640, ro
             f'<text x="{label_w - 6}" y="{y + row - 4}" text-anchor="end">{h(name)}</text>'
             f'<rect x="{label_w}" y="{y + 2}" width="{_num(w)}" height="{row - 4}">'
             f"<title>{h(f'{name}: {v:g} {unit}')}</title></rect>"
-            f'<text x="{_num(label_w + w + 4)}" y="{y + row - 4}">{v:,.3g}</text>'
+            f'<text x="{_num(label_w + w + 4)}" y="{y + row - 4}">{_fmt_value(v)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
