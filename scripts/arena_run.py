@@ -62,6 +62,40 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def report(results: Path) -> str:
+    """A Markdown table of the stored results: means over seeds, best validation loss first."""
+    from scripts.sitegen.arena import load_results, summarize
+
+    summaries = summarize(load_results(results))
+    ran = sorted((s for s in summaries.values() if s.ok), key=lambda s: s.final("val_bpb")[0])
+    lines = [
+        "| name | seeds | val bpb | ± | tokens/s | active FFN | max/mean | Gini | MI bits | changed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(v, d=3):
+        return "—" if v is None else f"{v:.{d}f}"
+
+    for s in ran:
+        m, sd = s.final("val_bpb")
+        cells = [
+            s.name,
+            str(len(s.seeds)),
+            f"{m:.3f}",
+            f(sd if len(s.seeds) > 1 else None),
+            f"{s.speed('tokens_per_second'):.0f}",
+            f"{s.active_width():.0f}",
+            f(s.routing("max_over_mean"), 2),
+            f(s.routing("gini")),
+            f(s.routing("domain_mi_bits")),
+            f(s.routing("top_expert_changed")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped = sorted((s for s in summaries.values() if not s.ok), key=lambda s: s.name)
+    lines += ["", *(f"- {s.name}: {s.note}" for s in skipped)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -76,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun runs that already have a result")
     p.add_argument("--tiny", action="store_true", help="a tiny model (for tests and smoke runs)")
     p.add_argument("--list", action="store_true", help="list the entries and whether each applies, then exit")
+    p.add_argument(
+        "--report", action="store_true", help="print a Markdown table of every stored result, then exit"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     names = entries()
@@ -83,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             ok, note = applicability(name)
             print(f"{name:28s} {'runs' if ok else 'n/a '} {note}")
+        return 0
+    if args.report:
+        print(report(args.results))
         return 0
     if args.only:
         unknown = [n for n in args.only if n not in names]

@@ -447,7 +447,9 @@ def _train(name, model, seed, corpus, cfg, progress) -> dict:
     if moe_layers(model):
         layer = moe_layers(model)[0]
         shared = layer.shared.mlp.d_hidden if layer.shared is not None else 0
-        active = final["routing"]["experts_per_token"] * m.d_hidden + shared
+        # merged experts compute one expert per token, whatever number of experts the merge weights
+        per_token = 1.0 if layer.router.plan_type == "merge" else final["routing"]["experts_per_token"]
+        active = per_token * m.d_hidden + shared
     else:
         active = model.blocks[0].ffn.w1.out_features
     return {
