@@ -106,7 +106,9 @@ def _setup(results: list[dict[str, Any]]) -> list[str]:
         "A preset keeps its paper's options and loss weights; bare routers share the default loss "
         "weights of `scripts/arena/harness.py`. The two dense baselines have the active FFN width of a "
         f"top-2 router (`dense_active`, {2 * m['d_hidden']}) and the total FFN parameters of the MoE "
-        f"(`dense_total`, {m['num_experts'] * m['d_hidden']}).",
+        f"(`dense_total`, {m['num_experts'] * m['d_hidden']}). Every run sees the same training "
+        "bytes; the compute per token is each router's own (its paper's k, shared experts, dense or "
+        "merged mixtures) and is shown as the active FFN width.",
         "",
     ]
 
@@ -144,7 +146,9 @@ def arena_page(ctx: SiteContext, results: list[dict[str, Any]]) -> str:
         "and budget, so that their quality, speed, balance and specialization can be compared on one "
         "harness. The corpus mixes three domains from Debian packages: English prose (`fortunes`), "
         "German prose (`fortunes-de`) and Python source (`libpython3.11-stdlib`), split by document "
-        "(`scripts/arena_corpus.py`, manifest `scripts/arena/corpus_manifest.json`). Reproduce with "
+        "(`scripts/arena_corpus.py`, manifest `scripts/arena/corpus_manifest.json`). The model reads "
+        "bytes: no tokenizer to train or version, bits per byte that compare across domains, and the "
+        "hash router's token id is the byte. Reproduce with "
         "`python scripts/arena_corpus.py && python scripts/arena_run.py`.",
         "",
     ]
