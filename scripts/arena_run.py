@@ -74,7 +74,7 @@ def report(results: Path) -> str:
     ]
 
     def f(v, d=3):
-        return "—" if v is None else f"{v:.{d}f}"
+        return "—" if v is None else f"{0.0 if abs(v) < 0.5 * 10**-d else v:.{d}f}"
 
     for s in ran:
         m, sd = s.final("val_bpb")

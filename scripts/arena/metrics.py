@@ -68,7 +68,7 @@ def mutual_information(domains_N: torch.Tensor, w_NE: torch.Tensor, num_domains:
     joint = joint / total
     pd, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
     nz = joint > 0
-    return float((joint[nz] * torch.log2(joint[nz] / (pd @ pe)[nz])).sum())
+    return max(0.0, float((joint[nz] * torch.log2(joint[nz] / (pd @ pe)[nz])).sum()))  # >= 0 up to rounding
 
 
 def entropy_bits(p: torch.Tensor) -> float:

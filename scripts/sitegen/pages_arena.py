@@ -23,6 +23,8 @@ def _f(x: float | None, digits: int = 3) -> str:
 def _num_cell(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return '<td data-missing="">—</td>'
+    if abs(x) < 0.5 * 10 ** -(digits or 0):
+        x = 0.0  # a rounding-size value (an MI of -1e-17) shows as 0, not -0.000
     return f'<td data-value="{x:.6g}">{x:.{digits}f}</td>'
 
 
