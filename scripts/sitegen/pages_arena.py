@@ -47,20 +47,20 @@ MAIN_COLUMNS = (
     ("Val bpb", "number", lambda s: s.final("val_bpb")[0], 3),
     ("± seeds", "number", lambda s: s.final("val_bpb")[1] if len(s.seeds) > 1 else None, 3),
     ("Tokens/s", "number", lambda s: s.speed("tokens_per_second"), 0),
-    ("Active FFN width", "number", lambda s: s.active_width(), 0),
+    ("Active FFN", "number", lambda s: s.active_width(), 0),
 )
 BALANCE_COLUMNS = (
-    ("Max/mean load", "number", lambda s: s.routing("max_over_mean"), 2),
+    ("Max/ mean", "number", lambda s: s.routing("max_over_mean"), 2),
     ("Gini", "number", lambda s: s.routing("gini"), 3),
     ("CV", "number", lambda s: s.routing("cv"), 2),
     ("Dropped", "number", lambda s: s.routing("fraction_dropped"), 3),
-    ("Top expert changed", "number", lambda s: s.routing("top_expert_changed"), 3),
-    ("MI domain (bits)", "number", lambda s: s.routing("domain_mi_bits"), 3),
+    ("Top changed", "number", lambda s: s.routing("top_expert_changed"), 3),
+    ("MI bits", "number", lambda s: s.routing("domain_mi_bits"), 3),
 )
 DETAIL_COLUMNS = (
     *((f"bpb {d}", "number", (lambda s, d=d: s.bpb_domain(d)), 3) for d in DOMAINS),
     ("Router share", "number", lambda s: s.speed("router_share"), 3),
-    ("Entropy (nats)", "number", lambda s: s.routing("entropy"), 3),
+    ("Entropy", "number", lambda s: s.routing("entropy"), 3),
     ("Confidence", "number", lambda s: s.routing("confidence"), 3),
 )
 
@@ -88,6 +88,14 @@ def results_table(
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table></div></div>")
     return ["".join(out), ""]
+
+
+def _late(curve: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The checkpoints from a quarter of the training on (where the routers differ)."""
+    if not curve:
+        return curve
+    end = curve[-1][0]
+    return [p for p in curve if p[0] >= end / 4]
 
 
 def _setup(results: list[dict[str, Any]]) -> list[str]:
@@ -165,17 +173,17 @@ def arena_page(ctx: SiteContext, results: list[dict[str, Any]]) -> str:
         "## Results",
         "",
         "Means over seeds at the end of training, on validation text; click a heading to sort. "
-        "*Val bpb*: bits per byte (lower is better), averaged over the three domains. Below, *load*: "
-        "tokens per expert (token-equivalents for merged experts), averaged over layers; *top expert "
-        "changed*: "
+        "*Val bpb*: bits per byte (lower is better), averaged over the three domains. Below, *max/mean* "
+        "and *Gini* of the load: tokens per expert (token-equivalents for merged experts), averaged "
+        "over layers; *top changed*: "
         "the share of validation tokens whose top expert changed since the previous checkpoint. "
-        "*MI domain*: mutual information between a token's domain and its expert, out of "
+        "*MI bits*: mutual information between a token's domain and its expert, out of "
         "log2(3) = 1.585 bits.",
         "",
     ]
     out += results_table(ctx, doc, ran, "atlas-arena")
     out += [
-        "*Active FFN width*: the hidden units that compute a token (experts per token × expert width, "
+        "*Active FFN*: the hidden units that compute a token (experts per token × expert width, "
         "plus shared experts); a top-2 router has 512.",
         "",
         "### Balance and specialization",
@@ -186,15 +194,16 @@ def arena_page(ctx: SiteContext, results: list[dict[str, Any]]) -> str:
         "### Per domain and router details",
         "",
         "Bits per byte on each domain, the share of training time spent in routers, the entropy of the "
-        "router's scores (nats) and their largest value per token.",
+        "router's scores (in nats) and their largest value per token (confidence).",
         "",
     ]
     out += results_table(ctx, doc, ran, "atlas-arena-details", DETAIL_COLUMNS)
-    series = [(s.name, s.curve(0) or s.curve()) for s in ran]
+    series = [(s.name, _late(s.curve(0) or s.curve())) for s in ran]
     out += [
         "## Loss curves",
         "",
-        "Validation bits per byte against training bytes, seed 0; highlighted: the dense baselines and "
+        "Validation bits per byte against training bytes, seed 0, from a quarter of the training on "
+        "(before that every curve falls from 8 bits together); highlighted: the dense baselines and "
         "the routers of the seed papers' claims (hover a curve for its name).",
         "",
         line_chart(series, "training bytes", "validation bits per byte", highlight=HIGHLIGHT),
@@ -209,7 +218,11 @@ def arena_page(ctx: SiteContext, results: list[dict[str, Any]]) -> str:
             ],
             "max/mean expert load (1 = even)",
             "validation bits per byte",
+            labelled=HIGHLIGHT,
         ),
+        "",
+        "Labelled: the routers of the seed papers' claims (the dense baselines have no router); hover any dot for "
+        "its name and values.",
         "",
         "## Speed",
         "",
@@ -228,7 +241,7 @@ def arena_page(ctx: SiteContext, results: list[dict[str, Any]]) -> str:
         hbars(
             sorted(
                 (
-                    (s.name, s.routing("domain_mi_bits") or 0.0)
+                    (s.name, max(0.0, s.routing("domain_mi_bits") or 0.0))
                     for s in ran
                     if s.routing("domain_mi_bits") is not None
                 ),
@@ -280,7 +293,7 @@ def family_arena(ctx: SiteContext, fam: RouterFamily, results: list[dict[str, An
         out += results_table(ctx, doc, ran, f"atlas-arena-{fam.name}-balance", BALANCE_COLUMNS)
         out += results_table(ctx, doc, ran, f"atlas-arena-{fam.name}-details", DETAIL_COLUMNS)
         everyone = summarize(results)
-        series = [(s.name, s.curve(0) or s.curve()) for s in everyone.values() if s.ok]
+        series = [(s.name, _late(s.curve(0) or s.curve())) for s in everyone.values() if s.ok]
         out += [
             line_chart(series, "training bytes", "validation bits per byte", highlight=[s.name for s in ran]),
             "",

@@ -199,11 +199,13 @@ def line_chart(
         )
         if name in highlight:
             ends.append((py(s[-1][1]), px(s[-1][0]), name))
-    last = -1e9
+    placed: list[tuple[float, float, str]] = []
     for ly, lx, name in sorted(ends):  # label the highlighted curves where they end, 10 px apart
-        ly = max(ly, last + 10)
-        last = ly
-        parts.append(f'<text class="end" x="{_num(lx + 4)}" y="{_num(ly + 3)}">{h(name)}</text>')
+        placed.append((max(ly, placed[-1][0] + 10) if placed else ly, lx, name))
+    overflow = (placed[-1][0] - (height - bottom)) if placed else 0
+    for ly, lx, name in placed:  # a crowded column of labels moves up to stay inside the chart
+        y = ly - max(overflow, 0)
+        parts.append(f'<text class="end" x="{_num(lx + 4)}" y="{_num(y + 3)}">{h(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -213,10 +215,12 @@ def scatter(
     x_label: str,
     y_label: str,
     *,
+    labelled: Sequence[str] | None = None,
     width: int = 640,
     height: int = 320,
 ) -> str:
-    """Named points ``(name, x, y)``, each a dot with its name as a label and a ``<title>``."""
+    """Named points ``(name, x, y)``, each a dot with a ``<title>``; the names in ``labelled`` (all,
+    when ``None``) also get a text label beside the dot."""
     if not points:
         return ""
     xs, ys = [p[1] for p in points], [p[2] for p in points]
@@ -248,8 +252,9 @@ def scatter(
         parts.append(
             f'<circle cx="{_num(px(x))}" cy="{_num(py(y))}" r="3.5">'
             f"<title>{h(f'{name}: {x:.3f}, {y:.3f}')}</title></circle>"
-            f'<text x="{_num(px(x) + 5)}" y="{_num(py(y) + 3)}">{h(name)}</text>'
         )
+        if labelled is None or name in labelled:
+            parts.append(f'<text x="{_num(px(x) + 5)}" y="{_num(py(y) + 3)}">{h(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
