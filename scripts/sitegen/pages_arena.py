@@ -221,8 +221,8 @@ def arena_page(ctx: SiteContext, results: list[dict[str, Any]]) -> str:
             labelled=HIGHLIGHT,
         ),
         "",
-        "Labelled: the routers of the seed papers' claims (the dense baselines have no router); hover any dot for "
-        "its name and values.",
+        "Labelled: the routers of the seed papers' claims (the dense baselines have no router); "
+        "hover any dot for its name and values.",
         "",
         "## Speed",
         "",
