@@ -64,8 +64,9 @@ NEW_FILE_MODE = 0o644
 """Permission bits of a new record (less the process umask); a replaced file keeps its own."""
 
 
-def write_atomic(path: Path, text: str, *, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``text`` so that readers see either the old or the new file, never a mix.
+def write_atomic(path: Path, text: str | bytes, *, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``text`` (or raw ``bytes``) so that readers see either the old or the
+    new file, never a mix.
 
     The new file gets the permission bits of the file it replaces, or ``NEW_FILE_MODE`` less the
     umask (``0644``) when there was none. Text that is not encodable as UTF-8 (a lone surrogate)
@@ -74,7 +75,7 @@ def write_atomic(path: Path, text: str, *, sync_dir: bool = True) -> None:
     durable at a fraction of the cost.
     """
     path = Path(path)
-    data = text.encode("utf-8")
+    data = text if isinstance(text, bytes) else text.encode("utf-8")
     try:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:

@@ -25,9 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from catalog.fetched_store import write_atomic
 from scripts.arena.corpus import Corpus, CorpusError
 from scripts.arena.harness import ArenaConfig, applicability, entries, run
 from scripts.arena.model import ModelConfig
@@ -47,19 +46,6 @@ TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, num_experts=4,
 
 def result_path(results: Path, name: str, seed: int) -> Path:
     return results / f"{name}__seed{seed}.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def report(results: Path) -> str:
@@ -150,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = len(names) * len(args.seeds) - len(todo)
     if skipped:
         log.info("%d runs already have results (skipped; --force reruns them)", skipped)
+    args.results.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     done = []
     with tqdm(total=len(todo), desc="arena", unit="run") as runs:

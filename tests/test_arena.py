@@ -232,7 +232,7 @@ def test_the_arena_page_and_router_pages_from_run_results(tmp_path, corpus, capl
     families = discover(measure=False)
     ctx = SiteContext.build(catalog.load(), families, set())
     page = arena_page(ctx, results)
-    assert "atlas-sortable\" id=\"atlas-arena\">" in page
+    assert 'atlas-sortable" id="atlas-arena">' in page
     assert page.count('<svg class="atlas-chart') >= 4
     assert "## The seed papers' claims at small scale" in page and "Not measured yet." in page
     assert "| `soft_moe` | not applicable" in page

@@ -30,12 +30,13 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from catalog.fetched_store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +102,6 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed: {exc.stderr.strip() or exc}") from None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare(out_dir: Path, debs_dir: Path | None = None) -> dict:
     """Download, extract and split the corpus into ``out_dir``; return the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +144,7 @@ def prepare(out_dir: Path, debs_dir: Path | None = None) -> dict:
         for domain, splits in parts.items():
             for split, docs in splits.items():
                 blob = SEPARATOR.join(docs)
-                _write_atomic(out_dir / f"{domain}.{split}.bin", blob)
+                write_atomic(out_dir / f"{domain}.{split}.bin", blob)
                 sizes[f"{domain}.{split}"] = {"documents": len(docs), "bytes": len(blob)}
     manifest = {
         "sources": [dataclasses.asdict(s) for s in SOURCES],
@@ -166,7 +155,7 @@ def prepare(out_dir: Path, debs_dir: Path | None = None) -> dict:
         "sizes": sizes,
     }
     manifest["manifest_sha256"] = manifest_hash(manifest)
-    _write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
 
 
@@ -183,7 +172,7 @@ def write_sample(corpus: Path, out_dir: Path, train_bytes: int = 6000, val_bytes
     for domain in DOMAINS:
         for split, n in (("train", train_bytes), ("val", val_bytes)):
             blob = (corpus / f"{domain}.{split}.bin").read_bytes()[:n]
-            _write_atomic(out_dir / f"{domain}.{split}.bin", blob)
+            write_atomic(out_dir / f"{domain}.{split}.bin", blob)
             sizes[f"{domain}.{split}"] = {"bytes": len(blob)}
     manifest = {
         "sample_of": src["manifest_sha256"],
@@ -192,7 +181,7 @@ def write_sample(corpus: Path, out_dir: Path, train_bytes: int = 6000, val_bytes
         "sizes": sizes,
     }
     manifest["manifest_sha256"] = manifest_hash(manifest)
-    _write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
 
 
