@@ -613,9 +613,8 @@ class MoELayer(nn.Module):
         if mask_BL is not None:
             out = torch.where(mask_BL[..., None], out, out.new_zeros(()))
         if self.shared is not None:
-            out = self._add_shared(out.reshape(B * L, D), xz.reshape(B * L, D), mask_BL.reshape(-1)).view(
-                B, L, D
-            )
+            mask_T = None if mask_BL is None else mask_BL.reshape(-1)
+            out = self._add_shared(out.reshape(B * L, D), xz.reshape(B * L, D), mask_T).view(B, L, D)
         return out
 
     def expert_outputs(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, Dispatch]:

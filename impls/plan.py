@@ -42,6 +42,7 @@ tokens like a top-1 load does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -223,15 +224,20 @@ class _DensePlanMixin:
     """Diagnostics and ``aux_loss`` shared by ``SlotPlan`` and ``MergePlan`` (see the module docstring)."""
 
     losses: Mapping[str, torch.Tensor]
+    token_mask_BL: torch.Tensor | None
 
-    def _per_token_expert_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``([B, L, E] weight each token gives each expert, [B, L] valid mask or None)``."""
+    def _expert_weights(self) -> torch.Tensor:
         raise NotImplementedError
+
+    @functools.cached_property
+    def expert_weights_BLE(self) -> torch.Tensor:
+        """``float32 [B, L, E]``: the weight each token gives each expert (computed once per plan)."""
+        return self._expert_weights()
 
     @property
     def expert_load(self) -> torch.Tensor:
         """``float32 [E]``: token-equivalents per expert (weights summed over valid tokens)."""
-        w_BLE, m_BL = self._per_token_expert_weight()
+        w_BLE, m_BL = self.expert_weights_BLE, self.token_mask_BL
         if m_BL is not None:
             w_BLE = w_BLE * m_BL[..., None]
         return w_BLE.sum((0, 1))
@@ -239,10 +245,10 @@ class _DensePlanMixin:
     @property
     def fraction_dropped(self) -> torch.Tensor:
         """Scalar 0: nothing is dropped."""
-        return self._per_token_expert_weight()[0].new_zeros(())
+        return self.expert_weights_BLE.new_zeros(())
 
     def _token_mean(self, v_BL: torch.Tensor) -> torch.Tensor:
-        m_BL = self._per_token_expert_weight()[1]
+        m_BL = self.token_mask_BL
         if m_BL is None:
             return v_BL.mean()
         m = m_BL.float()
@@ -251,13 +257,12 @@ class _DensePlanMixin:
     @property
     def experts_per_token(self) -> torch.Tensor:
         """Scalar: mean number of experts with a non-zero weight for a valid token."""
-        w_BLE = self._per_token_expert_weight()[0]
-        return self._token_mean((w_BLE > 0).sum(-1).float())
+        return self._token_mean((self.expert_weights_BLE > 0).sum(-1).float())
 
     @property
     def router_confidence(self) -> torch.Tensor:
         """Scalar: mean over valid tokens of the largest weight a token gives one expert."""
-        return self._token_mean(self._per_token_expert_weight()[0].max(-1).values)
+        return self._token_mean(self.expert_weights_BLE.max(-1).values)
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """All diagnostics by their stable names (tensors; no host sync)."""
@@ -268,7 +273,7 @@ class _DensePlanMixin:
         unknown = set(coefficients) - set(self.losses)
         if unknown:
             raise KeyError(f"no loss named {sorted(unknown)} in this plan; it has {sorted(self.losses)}")
-        total = self._per_token_expert_weight()[0].new_zeros(())
+        total = self.expert_weights_BLE.new_zeros(())
         for name, coef in coefficients.items():
             if coef:
                 total = total + coef * self.losses[name]
@@ -324,10 +329,9 @@ class SlotPlan(_DensePlanMixin):
     def num_tokens(self) -> int:
         return self.dispatch_BLS.shape[0] * self.dispatch_BLS.shape[1]
 
-    def _per_token_expert_weight(self):
+    def _expert_weights(self) -> torch.Tensor:
         B, L, _ = self.combine_BLS.shape
-        w = self.combine_BLS.reshape(B, L, self.num_experts, self.slots_per_expert).sum(-1)
-        return w, self.token_mask_BL
+        return self.combine_BLS.reshape(B, L, self.num_experts, self.slots_per_expert).sum(-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -386,5 +390,27 @@ class MergePlan(_DensePlanMixin):
         """``float32 [B, L, E]``: the merge weights of every token's group."""
         return self.weights_BGE.repeat_interleave(self.group_length, dim=1)[:, : self.seq_len]
 
-    def _per_token_expert_weight(self):
-        return self.token_weights(), self.token_mask_BL
+    def _expert_weights(self) -> torch.Tensor:
+        return self.token_weights()
+
+    @classmethod
+    def per_sequence(
+        cls,
+        weights_BE: torch.Tensor,
+        scores_BE: torch.Tensor,
+        logits_BE: torch.Tensor,
+        token_mask_BL: torch.Tensor,
+        losses: Mapping[str, torch.Tensor] | None = None,
+    ) -> MergePlan:
+        """The plan of one merge group per sequence (none for sequences of length 0)."""
+        L = token_mask_BL.shape[1]
+        G = 1 if L else 0
+        return cls(
+            weights_BGE=weights_BE[:, None][:, :G],
+            scores_BGE=scores_BE[:, None][:, :G],
+            logits_BGE=logits_BE[:, None][:, :G],
+            group_length=max(L, 1),
+            seq_len=L,
+            losses=dict(losses or {}),
+            token_mask_BL=token_mask_BL,
+        )

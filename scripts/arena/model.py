@@ -96,8 +96,8 @@ def expert_weights(plan) -> tuple[torch.Tensor, torch.Tensor]:
         w = w.scatter_add_(1, plan.expert_ids_TK.clamp_min(0), plan.weights_TK * keep)
         return w, plan.scores_TE
     if isinstance(plan, impls.SlotPlan):
-        w, _ = plan._per_token_expert_weight()
-        return w.reshape(-1, plan.num_experts), w.reshape(-1, plan.num_experts)
+        w = plan.expert_weights_BLE.reshape(-1, plan.num_experts)
+        return w, w
     if isinstance(plan, impls.MergePlan):
         w = plan.token_weights()
         s = plan.scores_BGE.repeat_interleave(plan.group_length, 1)[:, : plan.seq_len]

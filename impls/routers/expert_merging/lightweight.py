@@ -273,9 +273,12 @@ class SMoLALinear(nn.Module):
                     f"SMoLALinear: modality_ids must be integer ids of shape {list(x.shape[:2])}, got "
                     f"{modality_ids.dtype} {list(modality_ids.shape)}"
                 )
-            if modality_ids.numel() and (
-                int(modality_ids.min()) < 0 or int(modality_ids.max()) >= self.modalities
-            ):
+            lo, hi = (
+                torch.stack([modality_ids.min(), modality_ids.max()]).tolist()
+                if modality_ids.numel()
+                else (0, 0)
+            )
+            if lo < 0 or hi >= self.modalities:  # one host sync: a bad id must not index silently
                 raise ValueError(f"SMoLALinear: modality_ids must be in [0, {self.modalities})")
         elif modality_ids is not None:
             raise TypeError("SMoLALinear: modality_ids given but modalities=0")

@@ -134,7 +134,6 @@ class SMEARRouter(SequenceRouter):
         return self.compute_logits(pooled_BD)
 
     def route_sequences(self, x_BLD: torch.Tensor, token_mask_BL: torch.Tensor) -> MergePlan:
-        L = x_BLD.shape[1]
         logits_BE = self.pooled_logits(masked_mean_pool(x_BLD, token_mask_BL))
         probs_BE = logits_BE.softmax(-1)
         weights_BE = probs_BE
@@ -145,15 +144,7 @@ class SMEARRouter(SequenceRouter):
             # all experts dropped: fall back to the undropped distribution
             weights_BE = torch.where(kept.sum(-1, keepdim=True) > 0, kept, probs_BE)
             weights_BE = weights_BE / weights_BE.sum(-1, keepdim=True)
-        G = 1 if L else 0  # one group per sequence (none for empty sequences)
-        return MergePlan(
-            weights_BGE=weights_BE[:, None][:, :G],
-            scores_BGE=probs_BE[:, None][:, :G],
-            logits_BGE=logits_BE[:, None][:, :G],
-            group_length=max(L, 1),
-            seq_len=L,
-            token_mask_BL=token_mask_BL,
-        )
+        return MergePlan.per_sequence(weights_BE, probs_BE, logits_BE, token_mask_BL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,16 +203,7 @@ class MEORouter(SequenceRouter):
         self.pooled_gate.train(self.training)
         plan = self.pooled_gate(pooled_BD, token_mask_BL.any(-1) if L else None)
         weights_BE = torch.zeros_like(plan.scores_TE).scatter(1, plan.expert_ids_TK, plan.weights_TK)
-        G = 1 if L else 0
-        return MergePlan(
-            weights_BGE=weights_BE[:, None][:, :G],
-            scores_BGE=plan.scores_TE[:, None][:, :G],
-            logits_BGE=plan.logits_TE[:, None][:, :G],
-            group_length=max(L, 1),
-            seq_len=L,
-            losses=plan.losses,
-            token_mask_BL=token_mask_BL,
-        )
+        return MergePlan.per_sequence(weights_BE, plan.scores_TE, plan.logits_TE, token_mask_BL, plan.losses)
 
 
 SMEAR = register_preset(

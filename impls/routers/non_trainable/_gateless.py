@@ -11,6 +11,12 @@ from impls.plan import RoutingPlan, every_slot_plan
 from impls.router import Router, RouterConfig
 
 
+def zero_logits(x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T, E]`` zeros that read every input value: a token holding a NaN or an infinity gets a
+    non-finite row, so ``Router``'s edge check catches it as for any gate."""
+    return (x_TD.sum(-1, keepdim=True) * 0.0).expand(-1, num_experts)
+
+
 class GatelessRouter(Router):
     """A router whose decision follows a fixed rule (hash, random draw, label): it has no gate.
 
@@ -27,7 +33,7 @@ class GatelessRouter(Router):
         return 1.0
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return (x_TD.sum(-1, keepdim=True) * 0.0).expand(-1, self.num_experts)
+        return zero_logits(x_TD, self.num_experts)
 
     def one_expert_plan(
         self,

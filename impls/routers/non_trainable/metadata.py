@@ -77,7 +77,7 @@ from impls.functional import load_balance_loss, topk
 from impls.plan import RoutingPlan, every_slot_plan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
-from impls.routers.non_trainable._gateless import GatelessRouter
+from impls.routers.non_trainable._gateless import GatelessRouter, zero_logits
 
 __all__ = [
     "DEMIX",
@@ -239,7 +239,8 @@ class TaskConfig(RouterConfig):
             raise ValueError(f"num_tasks must be an int >= 1, got {self.num_tasks!r}")
 
 
-def _top_k_plan(router: Router, logits_TE, token_mask_T, losses_from_tokens: bool = True) -> RoutingPlan:
+def _top_k_plan(router: Router, logits_TE, token_mask_T) -> RoutingPlan:
+    """GShard-style top-k of the softmax, renormalized over the chosen experts, and its balance loss."""
     probs = logits_TE.softmax(-1)
     vals, ids = topk(probs, router.config.k)
     weights = vals / vals.sum(-1, keepdim=True)
@@ -247,8 +248,31 @@ def _top_k_plan(router: Router, logits_TE, token_mask_T, losses_from_tokens: boo
     return every_slot_plan(ids, weights, probs, logits_TE, token_mask_T, losses=losses)
 
 
+class _LabelGateRouter(Router):
+    """A learned top-k gate that reads a vector of the token's label, never the token itself."""
+
+    @property
+    def combine_normalization(self) -> float:
+        return 1.0
+
+    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # x enters only as 0 * x, for the edge checks; the gate runs in route() on the label
+        return zero_logits(x_TD, self.num_experts)
+
+    def label_vectors(self) -> torch.Tensor:
+        """``float32 [T, D]``: the vector the gate reads for each token (from ``self.inputs``)."""
+        raise NotImplementedError
+
+    def add_noise(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return logits_TE
+
+    def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
+        logits = super().compute_logits(self.label_vectors()) + logits_TE
+        return _top_k_plan(self, self.add_noise(logits), token_mask_T)
+
+
 @register_router
-class TaskRouter(Router):
+class TaskRouter(_LabelGateRouter):
     """Task-level routing (Kudugunta et al. 2021, Sec. 3.1): GShard's top-2 gate on a task embedding."""
 
     name = "task_moe"
@@ -265,18 +289,8 @@ class TaskRouter(Router):
     def input_ranges(self) -> dict[str, int]:
         return {"task_ids": self.config.num_tasks}
 
-    @property
-    def combine_normalization(self) -> float:
-        return 1.0
-
-    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        # the gate never reads the token: only its task; x enters as 0 * x for the edge checks
-        return GatelessRouter.compute_logits(self, x_TD)
-
-    def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
-        task_TD = self.task_embedding.weight.float()[self.inputs["task_ids"]]
-        logits = super().compute_logits(task_TD) + logits_TE
-        return _top_k_plan(self, logits, token_mask_T)
+    def label_vectors(self) -> torch.Tensor:
+        return self.task_embedding.weight.float()[self.inputs["task_ids"]]
 
 
 @register_router
@@ -342,7 +356,7 @@ class AttributeConfig(RouterConfig):
 
 
 @register_router
-class AttributeRouter(Router):
+class AttributeRouter(_LabelGateRouter):
     """Uni-Perceiver-MoE attribute routing (Zhu et al., NeurIPS 2022): top-2 on an attribute embedding."""
 
     name = "attribute_moe"
@@ -362,26 +376,16 @@ class AttributeRouter(Router):
     def input_ranges(self) -> dict[str, int]:
         return {"attribute_ids": self.attributes_AN.shape[0]}
 
-    @property
-    def combine_normalization(self) -> float:
-        return 1.0
-
-    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return GatelessRouter.compute_logits(self, x_TD)
-
-    def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
+    def label_vectors(self) -> torch.Tensor:
         a_TN = self.attributes_AN[self.inputs["attribute_ids"]]
         p, n = self.attribute_proj, self.attribute_norm
-        z = F.layer_norm(
-            F.linear(a_TN, p.weight.float(), p.bias.float()),
-            (self.d_model,),
-            n.weight.float(),
-            n.bias.float(),
-        )
-        logits = super().compute_logits(z) + logits_TE
+        z = F.linear(a_TN, p.weight.float(), p.bias.float())
+        return F.layer_norm(z, (self.d_model,), n.weight.float(), n.bias.float())
+
+    def add_noise(self, logits_TE: torch.Tensor) -> torch.Tensor:
         if self.training and self.config.noise_std > 0:
-            logits = logits + torch.randn_like(logits) * (self.config.noise_std / self.num_experts)
-        return _top_k_plan(self, logits, token_mask_T)
+            return logits_TE + torch.randn_like(logits_TE) * (self.config.noise_std / self.num_experts)
+        return logits_TE
 
 
 DEMIX = register_preset(
