@@ -209,3 +209,24 @@ def test_serve_prints_the_local_url_and_serves_the_built_site(xss_site):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+SOFT_AND_NON_TRAINABLE = ("non-trainable-token-choice", "token-merging", "expert-merging")
+
+
+def test_every_soft_and_non_trainable_work_page_shows_its_implementation(real_site):
+    cat = catalog.load()
+    works = [
+        w for w in cat.works if set(w.placements) & set(SOFT_AND_NON_TRAINABLE) or w.slug == "dselect-k"
+    ]
+    assert len(works) >= 14
+    for w in works:
+        page = (real_site / "generated" / "works" / w.slug / "index.html").read_text(encoding="utf-8")
+        assert "No reference implementation yet" not in page, w.slug
+        assert "/generated/routers/" in page or "../../routers/" in page, w.slug
+
+
+def test_the_arena_page_is_built_from_the_committed_results(real_site):
+    page = (real_site / "generated" / "arena" / "index.html").read_text(encoding="utf-8")
+    assert 'id="atlas-arena"' in page and "The seed papers" in page
+    assert "No arena results are committed yet." not in page
