@@ -19,7 +19,7 @@ from impls.functional import capacity_keep, expert_capacity, load_balance_loss, 
 from impls.layer import GroupedExperts, MoELayer
 from impls.plan import DIAGNOSTICS, MergePlan, RoutingPlan, SlotPlan
 from impls.registry import PRESETS, ROUTERS, Preset, build_router, register_preset, register_router
-from impls.router import Router, RouterConfig, SequenceRouter
+from impls.router import Router, RouterConfig, SequenceRouter, step_routers
 
 __all__ = [
     "DIAGNOSTICS",
@@ -41,5 +41,6 @@ __all__ = [
     "load_balance_loss",
     "register_preset",
     "register_router",
+    "step_routers",
     "z_loss",
 ]

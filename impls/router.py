@@ -317,6 +317,17 @@ class Router(nn.Module):
         """Decide the assignment from float32 logits; return the plan before capacity."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ state between steps
+    def on_optimizer_step(self, process_group=None) -> None:
+        """Update the router's between-step state; call once after every ``optimizer.step()``.
+
+        No-op by default. Routers that keep training state overwrite it: DeepSeek's
+        auxiliary-loss-free bias, ReMoE's adaptive L1 coefficient, DynMoE's expert
+        recording schedule. Under gradient accumulation call it once per optimizer step, after
+        the last micro-batch; under data parallelism pass ``process_group`` so that every rank
+        applies the same update. ``impls.step_routers(model)`` calls it on every router of a model.
+        """
+
     # ------------------------------------------------------------------ properties
     @property
     def is_causal(self) -> bool:
@@ -429,6 +440,13 @@ class SequenceRouterConfig(RouterConfig):
             )
         if self.jitter_eps:
             raise ValueError("this router uses no input jitter; jitter_eps is not supported")
+
+
+def step_routers(model: nn.Module, process_group=None) -> None:
+    """Call ``Router.on_optimizer_step()`` on every router inside ``model`` (after ``optimizer.step()``)."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.on_optimizer_step(process_group)
 
 
 class SequenceRouter(Router):

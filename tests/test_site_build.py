@@ -216,9 +216,7 @@ SOFT_AND_NON_TRAINABLE = ("non-trainable-token-choice", "token-merging", "expert
 
 def test_every_soft_and_non_trainable_work_page_shows_its_implementation(real_site):
     cat = catalog.load()
-    works = [
-        w for w in cat.works if set(w.placements) & set(SOFT_AND_NON_TRAINABLE) or w.slug == "dselect-k"
-    ]
+    works = [w for w in cat.works if set(w.placements) & set(SOFT_AND_NON_TRAINABLE) or w.slug == "dselect-k"]
     assert len(works) >= 14
     for w in works:
         page = (real_site / "generated" / "works" / w.slug / "index.html").read_text(encoding="utf-8")

@@ -46,10 +46,18 @@ DEFAULT_COEFFICIENTS = {
     "load": 1e-2,
     "entropy": 1e-3,
     "reachability": 1e-3,
+    "l1_adaptive": 1.0,  # ReMoE: its coefficient lambda adapts itself; the paper adds the term with 1
+    "balance": 0.3,  # StableMoE's balance and distillation factors
+    "distill": 0.3,
+    "diverse": 1e-2,  # DynMoE's gate losses, each 0.01 in the official code
+    "simple": 1e-2,
+    "efficiency": 1e-2,
 }
 BASELINES = ("dense_active", "dense_total")
 #: THOR's consistency weight: 1 in the official code, 5 in its IWSLT De-En script (the preset)
 THOR_ALPHA = {"thor": 1.0, "thor_iwslt": 5.0}
+#: StableMoE's first stage: 6K of 60K steps (Dai et al. 2022, Sec. 4.2 and Table 6)
+STAGE1_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -408,6 +416,9 @@ def _train(name, model, seed, corpus, cfg, progress) -> dict:
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     thor = bool(moe_layers(model)) and moe_layers(model)[0].router.name == "thor"
+    # StableMoE: stage 1 (learn and distill the routing) for the paper's 10% of the steps, then frozen
+    staged = [layer.router for layer in moe_layers(model) if hasattr(layer.router, "freeze_routing")]
+    freeze_at = max(1, round(STAGE1_FRACTION * cfg.steps))
     curve, prev_top = [], None
     timer = _RouterTimer(model)
     train_time = 0.0
@@ -435,6 +446,10 @@ def _train(name, model, seed, corpus, cfg, progress) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
+            impls.step_routers(model)  # between-step router state (aux-loss-free bias, ReMoE's lambda)
+            if staged and step + 1 == freeze_at:
+                for router in staged:
+                    router.freeze_routing()
             train_time += time.perf_counter() - t0
             train_losses.append(float(ce.detach()))
             if progress is not None:

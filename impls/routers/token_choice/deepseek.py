@@ -59,7 +59,8 @@ under `no_grad`, so set `router.count_during_recompute = True` there and the rec
 the one counted.
 **Call `router.update_bias()` once per optimizer step** (after the last micro-batch of a
 gradient-accumulation cycle): it applies the rule to the accumulated counts, all-reduced over a
-process group when given, and resets them.
+process group when given, and resets them. `router.on_optimizer_step()` does the same, and
+`impls.step_routers(model)` calls it on every router of a model.
 
 Losses (unweighted): `load_balance` (batch-level $\mathcal{L}_\text{ExpBal}$), `seq_load_balance`
 (the same averaged over sequences: needs `sequence_length`, or a `[batch, seq, D]` input; the
@@ -300,6 +301,10 @@ class DeepSeekRouter(Router):
         sent_D = masked_mean(sent_TD, token_mask_T)  # share of tokens sent to each device
         comm_balance = (D / cfg.topk_group) * (sent_D * P_D).sum()
         return {"device_balance": device_balance, "comm_balance": comm_balance}
+
+    def on_optimizer_step(self, process_group=None) -> None:
+        """``update_bias(process_group)``: the bias moves once per optimizer step."""
+        self.update_bias(process_group)
 
     @torch.no_grad()
     def update_bias(self, process_group=None) -> torch.Tensor:
