@@ -66,8 +66,10 @@ class RouterConfig:
             dropless.
         eval_capacity_factor: capacity factor in ``eval()``; ``None`` = same as training.
         min_capacity: lower bound on the capacity (DeepSpeed's ``min_capacity``).
-        drop_policy: which tokens lose when an expert overflows: ``"position"`` (later tokens) or
-            ``"probability"`` (lower router probability; V-MoE's batch-prioritized routing).
+        drop_policy: which tokens lose when an expert overflows: ``"position"`` (later tokens),
+            ``"probability"`` (lower router probability; V-MoE's batch-prioritized routing) or
+            ``"random"`` (a uniformly random subset of the expert's tokens is kept in training:
+            DeepSpeed's Random Token Selection, used by Z-code M3; ``"position"`` in ``eval()``).
     """
 
     k: int = 1
@@ -76,7 +78,7 @@ class RouterConfig:
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
     min_capacity: int = 0
-    drop_policy: Literal["position", "probability"] = "position"
+    drop_policy: Literal["position", "probability", "random"] = "position"
 
     def validate(self, num_experts: int) -> None:
         """Raise ``ValueError`` naming the bad option; subclasses extend this."""
@@ -90,8 +92,10 @@ class RouterConfig:
                 raise ValueError(f"{name} must be > 0 or None, got {v}")
         if self.min_capacity < 0:
             raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
-        if self.drop_policy not in ("position", "probability"):
-            raise ValueError(f"drop_policy must be 'position' or 'probability', got {self.drop_policy!r}")
+        if self.drop_policy not in ("position", "probability", "random"):
+            raise ValueError(
+                f"drop_policy must be 'position', 'probability' or 'random', got {self.drop_policy!r}"
+            )
 
 
 class Router(nn.Module):
@@ -339,7 +343,9 @@ class Router(nn.Module):
         """
         if self.current_capacity(1) is None:
             return self.causal
-        by_position = self.config.drop_policy == "position" and self.max_experts_per_token == 1
+        policy = self.config.drop_policy
+        positional = policy == "position" or (policy == "random" and not self.training)
+        by_position = positional and self.max_experts_per_token == 1
         return self.causal and by_position
 
     @property
@@ -371,12 +377,18 @@ class Router(nn.Module):
         cap = self.current_capacity(plan.num_tokens)
         if cap is None:
             return plan
+        policy, priority_TK = self.config.drop_policy, None
+        if policy == "random":  # Random Token Selection: a random priority per slot, in training only
+            policy = "probability" if self.training else "position"
+            priority_TK = torch.rand(plan.expert_ids_TK.shape, device=plan.expert_ids_TK.device)
+        elif policy == "probability":
+            priority_TK = self.drop_priority(plan)
         keep = capacity_keep(
             plan.expert_ids_TK,
             self.num_experts,
             cap,
-            policy=self.config.drop_policy,
-            priority_TK=self.drop_priority(plan),
+            policy=policy,
+            priority_TK=priority_TK,
             token_mask_T=plan.token_mask_T,
         )
         keep = keep & plan.keep_TK

@@ -37,12 +37,30 @@ Sampling happens only in training. In `eval()` the second expert follows `eval_s
 paper does not say what it does at evaluation, and Mesh-TF keeps sampling there (a known source
 of non-determinism).
 
+**NLLB-200** (NLLB Team 2022, arXiv 2207.04672) trains its 128-expert MoE layers with this gate
+(fairseq's top-2: the second expert always dispatched, weights renormalized *after* capacity
+dropping) and regularizes them for low-resource directions with **Expert Output Masking**
+(EOM): in training every (token, expert) assignment's output vector is zeroed, whole, with
+probability $p_\text{eom}$, independently for the first and second expert and without
+rescaling; the token then keeps its residual plus whatever survived. In `eval()` every expert
+output is scaled by $1 - p_\text{eom}$ instead (the released code). Since the layer combines
+$y = \sum_j w_j E_{e_j}(x)$, masking an output equals zeroing its combine weight, which is how the
+router applies it (`expert_output_masking`), after capacity. EOM differs from Gating Dropout
+(Liu et al. 2022, which skips the all-to-all for a whole batch) and from NLLB's "Conditional
+MoE Routing" (a learned dense/MoE mix), neither of which the released NLLB-200 recipe uses.
+
 ## Defaults and what is confirmed
 
 `gshard_top2`: top-2, $\mathrm{CF} = 1$ (capacity $2T/E$), random second expert with $\tau = 0.5$,
 all confirmed from the paper's Algorithm 1 and the fairseq / DeepSpeed implementations. The loss
 weight 0.01 is the fairseq/DeepSpeed convention and not confirmed from the paper. GShard trains
 with 128 to 2048 experts; the preset leaves $E$ to the caller (8 when omitted).
+
+`nllb_200`: 128 experts, second policy `"all"`, capacity factor 1, renormalization after
+dropping, $p_\text{eom} = 0.2$ and loss weight 0.01 — the released fairseq recipe (`nllb`
+branch: `--moe-second-expert-policy all`, `--moe-eom 0.2`, `--moe-gate-loss-wt 0.01`) and the
+released model config (`moe_token_dropout: 0.2`); the paper's text itself was not read here.
+Evaluation capacity is the whole batch (`--moe-eval-capacity-token-fraction 1.0`).
 
 ## Usage
 
@@ -61,6 +79,7 @@ assert torch.equal(router(torch.ones(3, 32)).expert_ids_TK, router(torch.ones(3,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -89,6 +108,12 @@ class GShardConfig(RouterConfig):
             ``"all"`` or ``"none"``.
         eval_second_policy: the rule in ``eval()``; ``"random"`` is not allowed there.
         second_threshold: ``tau`` above (0.5 = GShard's ``2 * g2``).
+        renormalize_after_drop: renormalize the weights over the assignments that survived
+            capacity (fairseq's ``normalize_gate_prob_before_dropping=False``, used by NLLB-200);
+            a token left with one expert then gives it weight 1.
+        expert_output_masking: NLLB's Expert Output Masking rate ``p_eom``: in training each
+            (token, expert) output is zeroed with this probability, whole; in ``eval()`` every
+            output is scaled by ``1 - p_eom`` instead. 0 disables it.
     """
 
     k: int = 2
@@ -96,6 +121,8 @@ class GShardConfig(RouterConfig):
     second_policy: SecondPolicy = "random"
     eval_second_policy: SecondPolicy = "all"
     second_threshold: float = 0.5
+    renormalize_after_drop: bool = False
+    expert_output_masking: float = 0.0
 
     def validate(self, num_experts: int) -> None:
         super().validate(num_experts)
@@ -110,6 +137,8 @@ class GShardConfig(RouterConfig):
             )
         if not self.second_threshold > 0:
             raise ValueError(f"second_threshold must be > 0, got {self.second_threshold}")
+        if not 0 <= self.expert_output_masking < 1:
+            raise ValueError(f"expert_output_masking must be in [0, 1), got {self.expert_output_masking}")
 
 
 @register_router
@@ -117,11 +146,13 @@ class GShardRouter(Router):
     """GShard top-2 gating with random second-expert dispatch.
 
     Lepikhin et al., "GShard: Scaling Giant Models with Conditional Computation and Automatic
-    Sharding", 2020, arXiv 2006.16668, Algorithm 1 (top-2 gating, capacity, ``l_aux``).
+    Sharding", 2020, arXiv 2006.16668, Algorithm 1 (top-2 gating, capacity, ``l_aux``). NLLB Team,
+    "No Language Left Behind: Scaling Human-Centered Machine Translation", 2022, arXiv 2207.04672
+    (Expert Output Masking).
     """
 
     name = "gshard"
-    papers = ("gshard",)
+    papers = ("gshard", "nllb")
     causal = True
     Config = GShardConfig
 
@@ -158,6 +189,21 @@ class GShardRouter(Router):
         keep_TK = ids_TK >= 0
         return RoutingPlan(ids_TK, w_TK, keep_TK, probs_TE, logits_TE, losses, token_mask_T)
 
+    def _apply_capacity(self, plan: RoutingPlan) -> RoutingPlan:
+        plan = super()._apply_capacity(plan)
+        cfg = self.config
+        w_TK = plan.weights_TK
+        if cfg.renormalize_after_drop:
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        p = cfg.expert_output_masking
+        if p > 0:
+            # training: one Bernoulli draw per (token, expert) assignment, no rescaling
+            keep = (torch.rand_like(w_TK) >= p).to(w_TK.dtype) if self.training else 1.0 - p
+            w_TK = w_TK * keep
+        if w_TK is plan.weights_TK:
+            return plan
+        return dataclasses.replace(plan, weights_TK=w_TK)
+
 
 GSHARD_TOP2 = register_preset(
     Preset(
@@ -173,6 +219,34 @@ GSHARD_TOP2 = register_preset(
         deviations=(
             "Evaluation always dispatches the second expert (the paper leaves evaluation open); "
             "loss weight 0.01 is the fairseq/DeepSpeed convention."
+        ),
+    )
+)
+NLLB_200 = register_preset(
+    Preset(
+        name="nllb_200",
+        router="gshard",
+        options={
+            "k": 2,
+            "capacity_factor": 1.0,
+            "eval_capacity_factor": 64.0,
+            "second_policy": "all",
+            "renormalize_after_drop": True,
+            "expert_output_masking": 0.2,
+        },
+        num_experts=128,
+        loss_coefficients={"load_balance": 1e-2},
+        papers=("nllb",),
+        description=(
+            "NLLB-200 MoE (NLLB Team 2022, arXiv 2207.04672): 128 experts, top-2 with the second expert "
+            "always dispatched, capacity 2T/E in training, weights renormalized after dropping, Expert "
+            "Output Masking p_eom = 0.2."
+        ),
+        deviations=(
+            "Values from the released fairseq training recipe (nllb branch) and model config; the paper's "
+            "text was not read here. Evaluation capacity is the whole batch (the recipe's "
+            "eval-capacity-token-fraction 1.0, i.e. nothing dropped). MoE every 4th layer, and the "
+            "fairseq capacity 2*ceil(T/E) rounding (here ceil(2T/E)), are not modelled."
         ),
     )
 )

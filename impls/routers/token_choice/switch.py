@@ -29,6 +29,14 @@ Losses (unweighted, on the decision **before** capacity):
 * `z_loss` $= \frac{1}{T} \sum_t \big(\log \sum_i e^{h_{t,i}}\big)^2$ (ST-MoE eq. 5), weight
   $10^{-3}$ in ST-MoE.
 
+Two options serve the papers that use this gate with a twist. `drop_policy="random"` (any router)
+keeps a uniformly random subset of an overflowing expert's tokens in training instead of the
+earliest ones: DeepSpeed-MoE's **Random Token Selection**, with which Z-code M3 (Kim et al. 2021)
+was trained. `selection_noise` adds $r_i \sim \mathcal{U}(0, c)$ to each logit for the *choice*
+only, the weights staying $\operatorname{softmax}(h)$: the noisy top-1 router whose learning
+dynamics Chen et al. (NeurIPS 2022, Sec. 3) analyze, started at zero (`zero_init`) so that early
+routing is uniformly random.
+
 ## Presets and what is confirmed
 
 | preset | E | k | CF train / eval | jitter | loss weights |
@@ -36,11 +44,17 @@ Losses (unweighted, on the decision **before** capacity):
 | `switch_base` | 128 | 1 | 1.25 / 2.0 | $10^{-2}$ | aux $10^{-2}$ |
 | `st_moe` | 32 | 2 | 1.25 / 2.0 | 0 | aux $10^{-2}$, z $10^{-3}$ |
 | `openmoe` | 32 | 2 | 1.25 / 2.0, min 4 | 0 | aux $10^{-2}$, z $10^{-3}$ |
+| `z_code_m3` | caller's | 1 | 1.0 / 1.0, min 4, RTS | 0 | aux $10^{-2}$ |
+| `chen_2022_top1` | caller's | 1 | dropless | $\mathcal{U}(0,1)$ selection noise, zero init | none |
 
 `switch_base`: the aux weight is confirmed from the paper and CF 1.25 is one of its settings;
 eval CF 2.0 and the jitter value follow the T5X/Mesh-TF configurations. `st_moe`: all values
 confirmed from the paper and its reference transcriptions. `openmoe`: ColossalAI's OpenMoE-8B
-configuration; the loss weights are assumed from ST-MoE.
+configuration; the loss weights are assumed from ST-MoE. `z_code_m3`: DeepSpeed-MoE's top-1
+defaults (the paper says its system is DeepSpeed-MoE; its own text was not read here, so $k$, CF
+and the weight are not confirmed from it). `chen_2022_top1`: the zero start, $\mathcal{U}[0,1]$
+noise and softmax weight are the paper's and its released code's (the code also adds the noise at
+test time; here evaluation is noise-free).
 
 **Deviations.** The lucidrains transcription of Mesh-TF's ST-MoE keeps the second expert only
 when its gate clears a threshold (or by a random draw); flaxformer, followed here, keeps it
@@ -71,6 +85,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from impls.functional import load_balance_loss, topk, z_loss
 from impls.plan import RoutingPlan
@@ -82,9 +97,23 @@ __all__ = ["SwitchConfig", "SwitchRouter"]
 
 @dataclass(frozen=True, kw_only=True)
 class SwitchConfig(RouterConfig):
-    """Options of ``SwitchRouter`` (those of ``impls.RouterConfig``; ``k`` 1 by default)."""
+    """Options of ``SwitchRouter`` (those of ``impls.RouterConfig``; ``k`` 1 by default).
+
+    Attributes:
+        selection_noise: in training, add ``r ~ U(0, selection_noise)`` to every logit for the
+            choice of the experts only (the weights stay ``softmax(h)``): the noisy top-1 routing
+            of Chen et al. 2022. 0 disables it.
+        zero_init: start the gate at zero (Chen et al. 2022's initialization).
+    """
 
     k: int = 1
+    selection_noise: float = 0.0
+    zero_init: bool = False
+
+    def validate(self, num_experts: int) -> None:
+        super().validate(num_experts)
+        if not self.selection_noise >= 0:
+            raise ValueError(f"selection_noise must be >= 0, got {self.selection_noise}")
 
 
 @register_router
@@ -95,11 +124,14 @@ class SwitchRouter(Router):
     and Efficient Sparsity", 2021, arXiv 2101.03961 (eq. 1-6). Zoph et al., "ST-MoE: Designing
     Stable and Transferable Sparse Expert Models", 2022, arXiv 2202.08906 (eq. 5, z-loss).
     Xue et al., "OpenMoE: An Early Effort on Open Mixture-of-Experts Language Models", 2024,
-    arXiv 2402.01739.
+    arXiv 2402.01739. Kim et al., "Scalable and Efficient MoE Training for Multitask Multilingual
+    Models" (Z-code M3), 2021, arXiv 2109.10465. Chen, Deng, Wu, Gu, Li, "Towards Understanding
+    the Mixture-of-Experts Layer in Deep Learning", NeurIPS 2022, arXiv 2208.02813 (Sec. 3:
+    noisy top-1 routing of a linear gate).
     """
 
     name = "switch"
-    papers = ("switch-transformer", "st-moe", "openmoe")
+    papers = ("switch-transformer", "st-moe", "openmoe", "z-code-m3", "chen-2022")
     causal = True
     Config = SwitchConfig
 
@@ -107,9 +139,19 @@ class SwitchRouter(Router):
     def combine_normalization(self) -> str:
         return "at_most_one"
 
+    def __init__(self, d_model: int, num_experts: int, config=None, **options):
+        super().__init__(d_model, num_experts, config, **options)
+        if self.config.zero_init:
+            nn.init.zeros_(self.gate.weight)
+
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        w_TK, ids_TK = topk(probs_TE, self.config.k)
+        noise = self.config.selection_noise
+        if self.training and noise > 0:  # noise picks the experts; the weights stay the softmax's
+            ids_TK = topk(logits_TE.detach() + noise * torch.rand_like(logits_TE), self.config.k)[1]
+            w_TK = probs_TE.gather(1, ids_TK)
+        else:
+            w_TK, ids_TK = topk(probs_TE, self.config.k)
         if token_mask_T is not None:
             w_TK = w_TK * token_mask_T[:, None]
         losses = {
@@ -168,5 +210,49 @@ OPENMOE = register_preset(
             "factor 1.25 / 2.0, minimum capacity 4."
         ),
         deviations="Loss weights are ST-MoE's; OpenMoE's own coefficients are unconfirmed.",
+    )
+)
+Z_CODE_M3 = register_preset(
+    Preset(
+        name="z_code_m3",
+        router="switch",
+        options={
+            "k": 1,
+            "capacity_factor": 1.0,
+            "eval_capacity_factor": 1.0,
+            "min_capacity": 4,
+            "drop_policy": "random",
+        },
+        loss_coefficients={"load_balance": 1e-2},
+        papers=("z-code-m3",),
+        description=(
+            "Z-code M3 (Kim et al. 2021, arXiv 2109.10465) as trained with DeepSpeed-MoE: top-1 softmax "
+            "gate, capacity factor 1.0 (train and eval), minimum capacity 4, Random Token Selection."
+        ),
+        deviations=(
+            "A standard gate: the values are DeepSpeed-MoE's top-1 defaults, the system the paper says it "
+            "is built on; the paper's own text (its k, capacity factor and loss weight) was not read "
+            "here, and its expert-pruning and expert-aggregation methods are not modelled."
+        ),
+    )
+)
+CHEN_2022_TOP1 = register_preset(
+    Preset(
+        name="chen_2022_top1",
+        router="switch",
+        options={"k": 1, "selection_noise": 1.0, "zero_init": True},
+        loss_coefficients={},
+        papers=("chen-2022",),
+        description=(
+            "Chen et al. (NeurIPS 2022, arXiv 2208.02813), the router of their analysis: a linear gate "
+            "started at zero, top-1 selection of h(x) + r with r ~ U[0, 1] per expert, combine weight "
+            "softmax(h(x)) of the chosen expert, no balance loss."
+        ),
+        deviations=(
+            "A standard gate with uniform selection noise. The paper routes on the sum of an example's "
+            "patches (pass that sum as the token), its experts are two-layer CNNs with cubic activation "
+            "trained by normalized gradient descent (not part of a router), and its released code adds "
+            "the noise at test time too; here evaluation is noise-free."
+        ),
     )
 )
