@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import catalog
+import impls
 from scripts import arena_run
 from scripts.arena import metrics
 from scripts.arena.corpus import DOMAINS, Corpus, CorpusError, fortune_entries, is_validation
@@ -134,6 +135,17 @@ def test_routers_with_inputs_and_thor_train(corpus):
         assert doc["status"] == "ok", (name, doc.get("note"))
     assert "caveat: not causal" in run("expert_choice", 0, corpus, TINY)["note"]
     assert "first segment" in run("lory", 0, corpus, TINY)["note"]
+
+
+def test_between_step_router_state_is_updated_and_stablemoe_is_frozen(corpus, monkeypatch):
+    calls = []
+    real = impls.step_routers
+    monkeypatch.setattr(impls, "step_routers", lambda model: calls.append(1) or real(model))
+    doc = run("stablemoe", 0, corpus, TINY)
+    assert doc["status"] == "ok"
+    assert len(calls) == TINY.steps  # once per optimizer step
+    # the last evaluations route by the frozen distilled router: no token changes its expert
+    assert doc["curve"][-1]["routing"]["top_expert_changed"] == 0.0
 
 
 def test_non_causal_and_unbuildable_entries_are_reported_not_run(corpus):
