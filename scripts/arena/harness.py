@@ -138,6 +138,11 @@ def applicability(name: str) -> tuple[bool, str]:
             "not applicable: routes on the average of the whole sequence, later tokens included, so a "
             "causal LM would read the future through the routing"
         )
+    if cls.name in ("moa", "moh"):
+        return False, (
+            "not applicable here: it routes attention heads (MixtureOfAttentionHeads / "
+            "MixtureOfHeadsAttention), while the arena's MoE layers replace the FFNs"
+        )
     if cls.name == "mov":
         return False, (
             "not applicable here: MoV/MoLoRA merge lightweight adapters on a frozen pretrained model; "
