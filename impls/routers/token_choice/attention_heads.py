@@ -75,10 +75,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from impls.functional import load_balance_loss, masked_mean, topk, z_loss
+from impls.functional import masked_mean, topk, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
+from impls.routers.token_choice.switch import SwitchConfig, SwitchRouter
 
 __all__ = [
     "MixtureOfAttentionHeads",
@@ -100,16 +101,16 @@ def head_attention(
 
 # ---------------------------------------------------------------------------------- MoA
 @dataclass(frozen=True, kw_only=True)
-class MoAConfig(RouterConfig):
-    """Options of ``MoARouter`` (top-``k`` head-experts; the gate starts at zero)."""
+class MoAConfig(SwitchConfig):
+    """Options of ``MoARouter``: Switch's, with top-``k`` = 2 and the gate started at zero."""
 
     k: int = 2
     zero_init: bool = True
 
 
 @register_router
-class MoARouter(Router):
-    """MoA's head router: softmax over the head-experts, top-k raw probabilities, balance and z-losses.
+class MoARouter(SwitchRouter):
+    """MoA's head router: Switch's softmax top-k with raw probabilities, balance and z-losses.
 
     Zhang, Shen, Liu, Liu, Ding, Wang, "Mixture of Attention Heads: Selecting Attention Heads Per
     Token", EMNLP 2022, arXiv 2210.05144.
@@ -117,29 +118,7 @@ class MoARouter(Router):
 
     name = "moa"
     papers = ("moa",)
-    causal = True
     Config = MoAConfig
-
-    def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
-        super().__init__(d_model, num_experts, config, **options)
-        if self.config.zero_init:
-            nn.init.zeros_(self.gate.weight)
-
-    @property
-    def combine_normalization(self) -> str:
-        return "at_most_one"
-
-    def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        w_TK, ids_TK = topk(probs_TE, self.config.k)
-        if token_mask_T is not None:
-            w_TK = w_TK * token_mask_T[:, None]
-        losses = {
-            "load_balance": load_balance_loss(probs_TE, ids_TK, token_mask_T),
-            "z_loss": z_loss(logits_TE, token_mask_T),
-        }
-        keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
-        return RoutingPlan(ids_TK, w_TK, keep_TK, probs_TE, logits_TE, losses, token_mask_T)
 
 
 def _dense_weights(plan: RoutingPlan, shape: tuple[int, ...]) -> torch.Tensor:

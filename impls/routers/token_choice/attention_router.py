@@ -45,10 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from impls.functional import load_balance_loss, topk, z_loss
+from impls.functional import load_balance_loss, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
+from impls.routers.token_choice.topk import topk_softmax
 
 __all__ = ["AttentionRouter", "AttentionRouterConfig", "expert_attention_logits"]
 
@@ -109,11 +110,10 @@ class AttentionRouter(Router):
         return expert_attention_logits(proj(self.query), proj(self.key), proj(self.value))
 
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
-        top_TK, ids_TK = topk(logits_TE, self.config.k)
-        w_TK = torch.softmax(top_TK, dim=-1)
+        # top-k of the logits, then a softmax over the k kept ones (the released code's order)
+        probs_TE, ids_TK, w_TK = topk_softmax(logits_TE, self.config.k, order="after")
         if token_mask_T is not None:
             w_TK = w_TK * token_mask_T[:, None]
-        probs_TE = torch.softmax(logits_TE, dim=-1)
         losses = {
             "load_balance": load_balance_loss(probs_TE, ids_TK, token_mask_T),
             "z_loss": z_loss(logits_TE, token_mask_T),

@@ -68,6 +68,7 @@ from impls.functional import load_balance_loss, topk, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
+from impls.routers.token_choice.topk import topk_softmax
 
 __all__ = ["SelfContrastConfig", "SelfContrastRouter", "self_contrast", "weak_activation"]
 
@@ -145,14 +146,13 @@ class SelfContrastRouter(Router):
         return 1.0
 
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
-        probs_TE = torch.softmax(logits_TE, dim=-1)
         if self.activation == "weak":
+            probs_TE = torch.softmax(logits_TE, dim=-1)
             r = self.config.weak_rank
             ids_TK = topk(probs_TE, r)[1][:, r - 1 :]
             w_TK = torch.ones_like(ids_TK, dtype=torch.float32)  # renormalized over one expert
-        else:
-            w_TK, ids_TK = topk(probs_TE, self.config.k)
-            w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        else:  # Mixtral's top-k, renormalized
+            probs_TE, ids_TK, w_TK = topk_softmax(logits_TE, self.config.k)
         if token_mask_T is not None:
             w_TK = w_TK * token_mask_T[:, None]
         losses = {
