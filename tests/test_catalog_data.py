@@ -97,6 +97,7 @@ BEYOND_SURVEY = LOAD_BALANCING_SEEDS | {
     "mose",
     "deepseek-v3",
     "remoe",
+    "grin",
 }
 MOJIBAKE = re.compile("â€|âˆ|Î£|Ã")
 
@@ -218,8 +219,9 @@ def test_moelora_and_moelora_are_two_works(real_catalog):
 
 def test_works_beyond_the_survey_are_marked(real_catalog):
     beyond = {w.slug for w in real_catalog.works if w.provenance in ("seed", "tracked")}
+    tracked = {"deepseek-v3", "remoe", "grin"}
     assert beyond == BEYOND_SURVEY | {"efficient-routing-sparse-moe"}
-    assert {w.slug for w in real_catalog.works if w.provenance == "tracked"} == {"deepseek-v3", "remoe"}
+    assert {w.slug for w in real_catalog.works if w.provenance == "tracked"} == tracked
     assert not any(w.ids.arxiv == "2112.00434" for w in real_catalog.works)  # the non-MoE neighbour
 
 

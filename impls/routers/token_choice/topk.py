@@ -35,6 +35,23 @@ reports $k$ times this value), and the router z-loss
 $\mathcal{L}_z = \frac{1}{T}\sum_t \big(\log\sum_i e^{h_{t,i}}\big)^2$ (ST-MoE eq. 5). Both are
 returned unweighted as `load_balance` and `z_loss`; weight them with `plan.aux_loss(...)`.
 
+**SparseMixer-v2 / GRIN** (Liu et al. 2024, "GRIN: GRadient-INformed MoE", arXiv 2409.12136,
+Sec. 3 and App. A, Algorithm 1; `estimator="sparsemixer"`) replaces the top-$k$ choice and its
+gradient. For each slot in turn, with $z$ the logits (the experts already chosen removed) and
+$z^* = \max z$, the experts far from the best are masked,
+$\mathcal{M} = \{ i : (z^* - z_i) / \max(|z_i|, z^*) \le 2\epsilon \}$ (the released code's form of
+App. A.1's MaskedSoftmax, $\epsilon = 0.01$), and $\pi = \operatorname{softmax}(z_\mathcal{M})$ is
+the softmax over the survivors. In training the expert $D$ is *sampled* from $\pi$ (Gumbel-max)
+and its weight is $c\,\pi_D$ with $c = 1$ when $D$ is the argmax or with probability $1/4$ and
+$c = 1/3$ otherwise (Heun's third-order method: $f(x) - f(0) \approx \tfrac14 f'(x) + \tfrac34
+f'(x/3)$); the router gradient is $\partial \pi_D / \partial z_j = \pi_D(\delta_{jD} - \pi_j)$
+whatever $c$ is, so the weight is $c\,\pi_D$ forward and a straight-through $\pi_D$ backward.
+In `eval()` the choice is the argmax and the weight $\pi_D$ (deterministic). The next slot
+repeats this with $D$ removed. The weights are not renormalized across slots (each is a
+probability of its own masked softmax). The balance loss is the Switch loss above, with the
+fractions $f_i$ counted on the experts actually chosen (the paper's "fraction of tokens routed
+to expert $i$", computed there across the data-parallel group).
+
 ## Defaults and what is confirmed
 
 | preset | E | k | weights | balance loss weight |
@@ -45,19 +62,29 @@ returned unweighted as `load_balance` and `z_loss`; weight them with `plan.aux_l
 | `jetmoe` | 8 | 2 | softmax after top-k | 0.01 (z-loss 0.001) |
 | `qwen1_5_moe` | 60 | 4 | raw probabilities | 0.001 |
 | `skywork_moe` | 16 | 2 | renormalized, logit norm | 0.01 |
+| `grin_moe` | 16 | 2 | SparseMixer-v2, $\epsilon = 0.01$ | 0 (released config) |
 
 Sources: Mixtral — paper and Hugging Face code; the weight 0.02 is the released `config.json`'s
 (the paper gives none). Jamba — Hugging Face config; 0.001 is its default. DBRX — HF/vLLM code;
 the weight is unconfirmed (MegaBlocks' default is 0.1). JetMoE — HF config (`aux_loss_coef`
 0.01); the z-loss weight is unconfirmed. Qwen1.5-MoE — HF config: a shared expert 4x an
 expert's width behind a sigmoid gate. Skywork-MoE — $\lambda = 1$ and the weight are
-assumptions.
+assumptions. GRIN-MoE — its released Hugging Face config (16 experts, top-2,
+`router_jitter_noise` = $\epsilon$ = 0.01, input jitter 0.01, `router_aux_loss_coef` 0.0; the
+same values as Phi-3.5-MoE's config, read from copies of it); the SparseMixer-v2 steps follow
+the authors' `microsoft/SparseMixer` code and Hugging Face's `modeling_phimoe.py`, which agree.
 
 **Deviations.** Skywork-MoE trains with a capacity limit and adapts its auxiliary-loss weight per
 layer from the drop rate; the preset is dropless and has one fixed weight (enable capacity with
 `capacity_factor=...`). `k = 1` together with renormalization (or softmax after top-k) is
 rejected: the only weight would be the constant 1 and the router would get no gradient from
 the task loss (a known trap, Megatron-LM refuses it too).
+SparseMixer: the released code handles $k = 2$ only; here any $k$ repeats the step with the
+chosen experts removed (App. A's Algorithm 3 samples without replacement the same way). The
+code's $1/3$ is written 0.3333 there; here it is exactly $1/3$. The exponential draw behind the
+Gumbel noise is clamped away from 0 (the released code can produce an infinite noise value).
+Hugging Face's Phi-MoE computes its balance loss on a fresh top-2 of the raw softmax instead of
+the sampled choices; this router uses the sampled choices, as the paper defines $f_i$.
 
 ## Usage
 
@@ -87,7 +114,7 @@ from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
 
-__all__ = ["TopKConfig", "TopKRouter", "standardize_logits", "topk_softmax"]
+__all__ = ["TopKConfig", "TopKRouter", "sparsemixer_topk", "standardize_logits", "topk_softmax"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +128,11 @@ class TopKConfig(RouterConfig):
         normalize: renormalize the kept probabilities (``softmax_order="before"`` only).
         norm_p: the norm used by ``normalize`` (DBRX's ``moe_normalize_expert_weights``; 1 = sum).
         logit_norm_scale: Skywork-MoE's $\\lambda$; ``None`` disables logit normalization.
+        estimator: ``"topk"`` (deterministic top-k, exact gradient of the kept weights) or
+            ``"sparsemixer"`` (GRIN's SparseMixer-v2: masked-softmax sampling with a straight-through
+            router gradient in training; ``softmax_order``, ``normalize`` and ``norm_p`` do not apply).
+        sparsemixer_eps: SparseMixer's mask threshold $\\epsilon$ (experts with
+            $(z^* - z_i)/\\max(|z_i|, z^*) > 2\\epsilon$ are masked); GRIN's ``router_jitter_noise``.
     """
 
     k: int = 2
@@ -108,6 +140,8 @@ class TopKConfig(RouterConfig):
     normalize: bool = True
     norm_p: float = 1.0
     logit_norm_scale: float | None = None
+    estimator: Literal["topk", "sparsemixer"] = "topk"
+    sparsemixer_eps: float = 0.01
 
     def validate(self, num_experts: int) -> None:
         super().validate(num_experts)
@@ -117,7 +151,11 @@ class TopKConfig(RouterConfig):
             raise ValueError(f"norm_p must be > 0, got {self.norm_p}")
         if self.logit_norm_scale is not None and self.logit_norm_scale <= 0:
             raise ValueError(f"logit_norm_scale must be > 0 or None, got {self.logit_norm_scale}")
-        if self.k == 1 and (self.softmax_order == "after" or self.normalize):
+        if self.estimator not in ("topk", "sparsemixer"):
+            raise ValueError(f"estimator must be 'topk' or 'sparsemixer', got {self.estimator!r}")
+        if not self.sparsemixer_eps >= 0:
+            raise ValueError(f"sparsemixer_eps must be >= 0, got {self.sparsemixer_eps}")
+        if self.estimator == "topk" and self.k == 1 and (self.softmax_order == "after" or self.normalize):
             raise ValueError(
                 "k=1 with normalize=True or softmax_order='after' makes the only weight the constant 1, "
                 "so the router gets no gradient from the task loss; use normalize=False (Switch-style)"
@@ -146,6 +184,48 @@ def topk_softmax(
     return probs_TE, ids, top_p
 
 
+def sparsemixer_topk(
+    logits_TE: torch.Tensor, k: int, eps: float = 0.01, *, training: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(expert_ids_TK, weights_TK)`` of SparseMixer-v2 routing (GRIN, arXiv 2409.12136, App. A, Alg. 1).
+
+    Slot by slot: mask the experts with ``(z* - z_i) / max(|z_i|, z*) > 2 eps`` (``z*`` the best
+    remaining logit; the numerator and ``|z_i|`` use the unmasked logits, as the released code does),
+    take the softmax ``pi`` over the survivors, choose ``D`` (a Gumbel-max sample in training, the
+    argmax in eval) and weight it ``c * pi_D`` forward with the gradient of ``pi_D`` backward; ``c`` is
+    1 when ``D`` is the argmax or with probability 1/4, else 1/3 (training only). ``D`` is removed
+    before the next slot. Random draws per slot: an ``[T, E]`` exponential, then a ``[T, 1]`` uniform.
+    """
+    z_TE = logits_TE.float()
+    T, E = z_TE.shape
+    neg_inf = torch.finfo(z_TE.dtype).min
+    removed_TE = torch.zeros(T, E, dtype=torch.bool, device=z_TE.device)
+    ids, weights = [], []
+    for _ in range(k):  # k slots (sequential by definition), vectorized over tokens and experts
+        remaining_TE = z_TE.masked_fill(removed_TE, neg_inf)
+        with torch.no_grad():
+            best_T1, argmax_T1 = topk(remaining_TE, 1)
+            far_TE = (best_T1 - z_TE) / z_TE.abs().clamp(min=best_T1) > 2 * eps  # 0/0 = NaN: kept
+            dropped_TE = far_TE | removed_TE
+        gates_TE = remaining_TE.masked_fill(dropped_TE, float("-inf"))
+        pi_TE = torch.softmax(gates_TE, dim=-1)
+        if training:
+            with torch.no_grad():
+                expo_TE = torch.empty_like(gates_TE).exponential_().clamp_min(torch.finfo(z_TE.dtype).tiny)
+                sel_T1 = (gates_TE - expo_TE.log()).argmax(-1, keepdim=True)  # Gumbel-max: D ~ pi
+                full_T1 = (sel_T1 == argmax_T1) | (torch.rand_like(best_T1) > 0.75)
+                c_T1 = torch.where(full_T1, 1.0, 1.0 / 3.0)
+            p_T1 = pi_TE.gather(1, sel_T1)
+            w_T1 = c_T1 * p_T1.detach() + (p_T1 - p_T1.detach())  # value c*pi_D, gradient of pi_D
+        else:
+            sel_T1 = argmax_T1
+            w_T1 = pi_TE.gather(1, sel_T1)
+        ids.append(sel_T1)
+        weights.append(w_T1)
+        removed_TE = removed_TE.scatter(1, sel_T1, True)
+    return torch.cat(ids, dim=1), torch.cat(weights, dim=1)
+
+
 @register_router
 class TopKRouter(Router):
     """Token-choice top-k softmax router, dropless by default.
@@ -154,18 +234,21 @@ class TopKRouter(Router):
     $G(x) = \\operatorname{Softmax}(\\operatorname{TopK}(x W_g))$). Jamba: Lieber et al., 2024,
     arXiv 2403.19887. DBRX: Databricks model release, 2024. JetMoE: Shen et al., 2024,
     arXiv 2404.07413. Qwen1.5-MoE: Qwen team model release, 2024. Skywork-MoE: Wei et al., 2024,
-    arXiv 2406.06563, Sec. 3.1 (gating logit normalization). Balance loss: Fedus et al. 2021,
+    arXiv 2406.06563, Sec. 3.1 (gating logit normalization). SparseMixer-v2: Liu et al., "GRIN:
+    GRadient-INformed MoE", 2024, arXiv 2409.12136, App. A (Algorithm 1). Balance loss: Fedus et al. 2021,
     arXiv 2101.03961, eq. 4-6; z-loss: Zoph et al. 2022, arXiv 2202.08906, eq. 5.
     """
 
     name = "topk"
-    papers = ("mixtral-8x7b", "jamba", "dbrx", "jetmoe", "qwen1-5-moe", "skywork-moe")
+    papers = ("mixtral-8x7b", "jamba", "dbrx", "jetmoe", "qwen1-5-moe", "skywork-moe", "grin")
     causal = True
     Config = TopKConfig
 
     @property
     def combine_normalization(self) -> float | str | None:
         cfg = self.config
+        if cfg.estimator == "sparsemixer":
+            return None  # one masked softmax per slot: a token's weights may sum to more than 1
         if cfg.softmax_order == "after" or (cfg.normalize and cfg.norm_p == 1.0):
             return 1.0
         return "at_most_one" if not cfg.normalize else None
@@ -175,9 +258,13 @@ class TopKRouter(Router):
         h_TE = logits_TE
         if cfg.logit_norm_scale is not None:
             h_TE = standardize_logits(logits_TE, cfg.logit_norm_scale)
-        probs_TE, ids_TK, w_TK = topk_softmax(
-            h_TE, cfg.k, order=cfg.softmax_order, normalize=cfg.normalize, p=cfg.norm_p
-        )
+        if cfg.estimator == "sparsemixer":
+            probs_TE = torch.softmax(h_TE, dim=-1)
+            ids_TK, w_TK = sparsemixer_topk(h_TE, cfg.k, cfg.sparsemixer_eps, training=self.training)
+        else:
+            probs_TE, ids_TK, w_TK = topk_softmax(
+                h_TE, cfg.k, order=cfg.softmax_order, normalize=cfg.normalize, p=cfg.norm_p
+            )
         keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
         if token_mask_T is not None:
             w_TK = w_TK * token_mask_T[:, None]
@@ -285,6 +372,27 @@ SKYWORK_MOE = register_preset(
         deviations=(
             "lambda = 1 and the loss weight are assumptions; the paper's capacity limit and per-layer "
             "adaptive loss weights are not modelled (dropless, fixed weight)."
+        ),
+    )
+)
+GRIN_MOE = register_preset(
+    Preset(
+        name="grin_moe",
+        router="topk",
+        options={"k": 2, "estimator": "sparsemixer", "sparsemixer_eps": 0.01, "jitter_eps": 0.01},
+        num_experts=16,
+        layer=_SWIGLU,
+        loss_coefficients={"load_balance": 0.0},
+        papers=("grin",),
+        description=(
+            "GRIN-MoE (Liu et al. 2024, arXiv 2409.12136): 16 experts, top-2 by SparseMixer-v2 "
+            "(masked-softmax sampling, eps = 0.01, straight-through router gradient), input jitter 0.01, "
+            "dropless; Phi-3.5-MoE's released config has the same routing values."
+        ),
+        deviations=(
+            "Values from the released Hugging Face config; its router_aux_loss_coef is 0.0 and the paper "
+            "gives no weight for its (globally counted) balance loss, so the preset weights it 0. The "
+            "released block jitters the experts' input too; here the jitter reaches the router only."
         ),
     )
 )
