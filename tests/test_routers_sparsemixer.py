@@ -164,7 +164,8 @@ def test_grin_preset_matches_the_released_config():
     # microsoft/GRIN-MoE config.json: num_local_experts 16, num_experts_per_tok 2,
     # router_jitter_noise 0.01 (the mask eps), input_jitter_noise 0.01, router_aux_loss_coef 0.0
     assert GRIN_MOE.num_experts == 16
-    assert GRIN_MOE.options == {"k": 2, "estimator": "sparsemixer", "sparsemixer_eps": 0.01, "jitter_eps": 0.01}
+    released = {"k": 2, "estimator": "sparsemixer", "sparsemixer_eps": 0.01, "jitter_eps": 0.01}
+    assert GRIN_MOE.options == released
     assert GRIN_MOE.loss_coefficients == {"load_balance": 0.0}
     r = impls.build_router("grin_moe", d_model=16)
     assert r.num_experts == 16 and r.config.k == 2
