@@ -52,6 +52,7 @@ DEFAULT_COEFFICIENTS = {
     "diverse": 1e-2,  # DynMoE's gate losses, each 0.01 in the official code
     "simple": 1e-2,
     "efficiency": 1e-2,
+    "mutual_information": 1e-2,  # ModuleFormer's and Mod-Squad's MI losses (released weights: 0 / 0.005)
 }
 BASELINES = ("dense_active", "dense_total")
 #: THOR's consistency weight: 1 in the official code, 5 in its IWSLT De-En script (the preset)
@@ -142,6 +143,11 @@ def applicability(name: str) -> tuple[bool, str]:
         return False, (
             "not applicable here: it routes attention heads (MixtureOfAttentionHeads / "
             "MixtureOfHeadsAttention), while the arena's MoE layers replace the FFNs"
+        )
+    if cls.name == "flextron":
+        return False, (
+            "not applicable here: it picks a width of one nested elastic MLP (ElasticMLP) for a latency "
+            "budget, while the arena's MoE layers hold separate experts"
         )
     if cls.name == "mov":
         return False, (
