@@ -1,4 +1,4 @@
-r"""ModuleFormer (Shen et al. 2023): an MLP gate over attention and FFN modules, balanced by mutual information.
+r"""ModuleFormer (Shen et al. 2023): an MLP gate over attention and FFN modules, balanced by mutual info.
 
 ModuleFormer builds every layer of a language model from two mixtures of *modules*: stick-breaking
 attention experts and feed-forward experts, each with its own router. A router is a small MLP
@@ -112,7 +112,9 @@ def mutual_information_loss(
 def stick_breaking_attention(
     q_BHLC: torch.Tensor, k_BHLC: torch.Tensor, v_BHLC: torch.Tensor, key_mask_BL: torch.Tensor | None = None
 ) -> torch.Tensor:
-    r"""Causal stick-breaking attention: $A_{ij} = z_{ij}\prod_{j<m\le i}(1 - z_{im})$, $z = \sigma(qk/\sqrt d)$.
+    r"""Causal stick-breaking attention, $A_{ij} = z_{ij}\prod_{j<m\le i}(1 - z_{im})$, $z = \sigma(q k^T)$.
+
+    (The logits $q k^T$ are scaled by $1/\sqrt{d}$, as in dot-product attention.)
 
     ``[B, H, L, C]`` queries, keys and values (keys and values may broadcast over ``H``);
     ``key_mask_BL`` (True = real token) keeps padded keys from taking or breaking the stick.
