@@ -53,6 +53,9 @@ DEFAULT_COEFFICIENTS = {
     "simple": 1e-2,
     "efficiency": 1e-2,
     "mutual_information": 1e-2,  # ModuleFormer's and Mod-Squad's MI losses (released weights: 0 / 0.005)
+    "expert_token_balance_adaptive": 1.0,  # Routing-Free MoE: lambda adapts itself (Eq. 17)
+    "phi_balance": 1e-2,  # ϕ-Balancing: no published weight; the Switch loss's
+    "orthogonality": 0.1,  # SimBal's (unconfirmed) weight
 }
 BASELINES = ("dense_active", "dense_total")
 #: THOR's consistency weight: 1 in the official code, 5 in its IWSLT De-En script (the preset)
