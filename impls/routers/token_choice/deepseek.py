@@ -135,7 +135,8 @@ class DeepSeekConfig(RouterConfig):
 
     Attributes:
         k: routed experts per token (``K_r``).
-        score_func: ``"softmax"`` (DeepSeekMoE, V2) or ``"sigmoid"`` (V3, loss-free balancing).
+        score_func: ``"softmax"`` (DeepSeekMoE, V2), ``"sigmoid"`` (V3, loss-free balancing) or
+            ``"sqrt_softplus"`` (V4: ``sqrt(softplus(h))``).
         normalize: renormalize the selected scores to sum 1 (V3) before scaling.
         routed_scaling_factor: ``gamma_r``, multiplies the combine weights.
         n_group: expert groups (devices / nodes); 1 disables group-limited routing.
@@ -151,7 +152,7 @@ class DeepSeekConfig(RouterConfig):
     """
 
     k: int = 6
-    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    score_func: Literal["softmax", "sigmoid", "sqrt_softplus"] = "softmax"
     normalize: bool = False
     routed_scaling_factor: float = 1.0
     n_group: int = 1
@@ -163,8 +164,10 @@ class DeepSeekConfig(RouterConfig):
 
     def validate(self, num_experts: int) -> None:
         super().validate(num_experts)
-        if self.score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        if self.score_func not in ("softmax", "sigmoid", "sqrt_softplus"):
+            raise ValueError(
+                f"score_func must be 'softmax', 'sigmoid' or 'sqrt_softplus', got {self.score_func!r}"
+            )
         if self.balance_counts not in ("selected", "unbiased_topk"):
             raise ValueError(
                 f"balance_counts must be 'selected' or 'unbiased_topk', got {self.balance_counts!r}"
@@ -220,7 +223,14 @@ class DeepSeekRouter(Router):
     """
 
     name = "deepseek"
-    papers = ("deepseekmoe", "deepseek-v2", "deepseek-v3", "aux-loss-free-balancing")
+    papers = (
+        "deepseekmoe",
+        "deepseek-v2",
+        "deepseek-v3",
+        "aux-loss-free-balancing",
+        "deepseek-v4",
+        "kimi-k2",
+    )
     causal = True
     Config = DeepSeekConfig
     fp32_buffers = ("expert_bias", "tokens_per_expert")
@@ -252,13 +262,21 @@ class DeepSeekRouter(Router):
         in_backward = torch._C._current_graph_task_id() != -1
         return not in_backward or self.count_during_recompute
 
+    def affinities(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """``[T, E]`` affinities ``s``: softmax, sigmoid or DeepSeek-V4's ``sqrt(softplus(h))``."""
+        cfg = self.config
+        if cfg.score_func == "softmax":
+            return torch.softmax(logits_TE, dim=-1)
+        if cfg.score_func == "sigmoid":
+            return torch.sigmoid(logits_TE)
+        return torch.sqrt(torch.nn.functional.softplus(logits_TE))
+
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         cfg, E = self.config, self.num_experts
+        scores_TE = self.affinities(logits_TE)
         if cfg.score_func == "softmax":
-            scores_TE = torch.softmax(logits_TE, dim=-1)
             probs_TE = scores_TE
         else:
-            scores_TE = torch.sigmoid(logits_TE)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         select_TE = scores_TE.detach()
         if cfg.aux_free_bias:
@@ -286,7 +304,9 @@ class DeepSeekRouter(Router):
         if cfg.n_group > 1:
             losses.update(self._group_losses(probs_TE, ids_TK, token_mask_T))
         keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
-        return RoutingPlan(ids_TK, w_TK, keep_TK, scores_TE, logits_TE, losses, token_mask_T)
+        # the plan's scores are the affinities where they lie in [0, 1], else normalized over the experts
+        plan_scores_TE = probs_TE if cfg.score_func == "sqrt_softplus" else scores_TE
+        return RoutingPlan(ids_TK, w_TK, keep_TK, plan_scores_TE, logits_TE, losses, token_mask_T)
 
     def _group_losses(self, probs_TE, ids_TK, token_mask_T) -> dict[str, torch.Tensor]:
         """DeepSeek-V2 device- and communication-balance losses, groups as devices (balanced -> 1)."""
@@ -446,6 +466,34 @@ AUX_LOSS_FREE = register_preset(
         deviations=(
             "The 64 routed / 2 shared / top-6 backbone is illustrative; renormalizing the sigmoid gates "
             "is assumed."
+        ),
+    )
+)
+KIMI_K2 = register_preset(
+    Preset(
+        name="kimi_k2",
+        router="deepseek",
+        options={
+            "k": 8,
+            "score_func": "sigmoid",
+            "normalize": True,
+            "routed_scaling_factor": 2.827,
+            "aux_free_bias": True,
+            "bias_update_rate": 1e-3,
+            "balance_counts": "unbiased_topk",
+        },
+        num_experts=384,
+        layer={**_SHARED, "num_shared_experts": 1},
+        loss_coefficients={"seq_load_balance": 1e-3},
+        papers=("kimi-k2",),
+        description=(
+            "Kimi K2 (Kimi Team 2025, arXiv 2507.20534), DeepSeek-V3's router on 1 shared + 384 routed "
+            "experts: sigmoid top-8 with a loss-free selection bias, one expert group, renormalized x 2.827; "
+            "the first layer is dense."
+        ),
+        deviations=(
+            "Values from the released config.json (n_group 1, routed_scaling_factor 2.827, aux_loss_alpha "
+            "0.001 with seq_aux); the bias update speed 0.001 is DeepSeek-V3's, not stated for K2."
         ),
     )
 )
