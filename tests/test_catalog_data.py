@@ -101,6 +101,7 @@ BEYOND_SURVEY = LOAD_BALANCING_SEEDS | {
     "quantile-balancing",
     "deepseek-v4",
     "kimi-k2",
+    "adamoe",
 }
 MOJIBAKE = re.compile("â€|âˆ|Î£|Ã")
 
@@ -222,7 +223,7 @@ def test_moelora_and_moelora_are_two_works(real_catalog):
 
 def test_works_beyond_the_survey_are_marked(real_catalog):
     beyond = {w.slug for w in real_catalog.works if w.provenance in ("seed", "tracked")}
-    tracked = {"deepseek-v3", "remoe", "grin", "quantile-balancing", "deepseek-v4", "kimi-k2"}
+    tracked = {"deepseek-v3", "remoe", "grin", "quantile-balancing", "deepseek-v4", "kimi-k2", "adamoe"}
     assert beyond == BEYOND_SURVEY | {"efficient-routing-sparse-moe"}
     assert {w.slug for w in real_catalog.works if w.provenance == "tracked"} == tracked
     assert not any(w.ids.arxiv == "2112.00434" for w in real_catalog.works)  # the non-MoE neighbour
