@@ -56,6 +56,8 @@ DEFAULT_COEFFICIENTS = {
     "expert_token_balance_adaptive": 1.0,  # Routing-Free MoE: lambda adapts itself (Eq. 17)
     "phi_balance": 1e-2,  # ϕ-Balancing: no published weight; the Switch loss's
     "orthogonality": 0.1,  # SimBal's (unconfirmed) weight
+    "variance": 1e-3,  # Guo et al.'s routing variance (returned negated: maximized)
+    "mask_sparsity": 1e-2,  # BEAM's mask regularizer (no published weight)
 }
 BASELINES = ("dense_active", "dense_total")
 #: THOR's consistency weight: 1 in the official code, 5 in its IWSLT De-En script (the preset)
