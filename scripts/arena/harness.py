@@ -58,6 +58,7 @@ DEFAULT_COEFFICIENTS = {
     "orthogonality": 0.1,  # SimBal's (unconfirmed) weight
     "variance": 1e-3,  # Guo et al.'s routing variance (returned negated: maximized)
     "mask_sparsity": 1e-2,  # BEAM's mask regularizer (no published weight)
+    "lpr": 1e-2,  # Latent Prototype Routing's regularizers, as released
 }
 BASELINES = ("dense_active", "dense_total")
 #: THOR's consistency weight: 1 in the official code, 5 in its IWSLT De-En script (the preset)
