@@ -102,6 +102,9 @@ BEYOND_SURVEY = LOAD_BALANCING_SEEDS | {
     "deepseek-v4",
     "kimi-k2",
     "adamoe",
+    "moe-plus-plus",
+    "erc-loss",
+    "latent-moe",
 }
 MOJIBAKE = re.compile("â€|âˆ|Î£|Ã")
 
@@ -223,7 +226,18 @@ def test_moelora_and_moelora_are_two_works(real_catalog):
 
 def test_works_beyond_the_survey_are_marked(real_catalog):
     beyond = {w.slug for w in real_catalog.works if w.provenance in ("seed", "tracked")}
-    tracked = {"deepseek-v3", "remoe", "grin", "quantile-balancing", "deepseek-v4", "kimi-k2", "adamoe"}
+    tracked = {
+        "deepseek-v3",
+        "remoe",
+        "grin",
+        "quantile-balancing",
+        "deepseek-v4",
+        "kimi-k2",
+        "adamoe",
+        "moe-plus-plus",
+        "erc-loss",
+        "latent-moe",
+    }
     assert beyond == BEYOND_SURVEY | {"efficient-routing-sparse-moe"}
     assert {w.slug for w in real_catalog.works if w.provenance == "tracked"} == tracked
     assert not any(w.ids.arxiv == "2112.00434" for w in real_catalog.works)  # the non-MoE neighbour

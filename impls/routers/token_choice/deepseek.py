@@ -230,6 +230,7 @@ class DeepSeekRouter(Router):
         "aux-loss-free-balancing",
         "deepseek-v4",
         "kimi-k2",
+        "latent-moe",
     )
     causal = True
     Config = DeepSeekConfig

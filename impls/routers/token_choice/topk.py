@@ -52,6 +52,15 @@ probability of its own masked softmax). The balance loss is the Switch loss abov
 fractions $f_i$ counted on the experts actually chosen (the paper's "fraction of tokens routed
 to expert $i$", computed there across the data-parallel group).
 
+**Global-batch balance** (Qiu et al., "Demons in the Detail", 2025, arXiv 2501.11873; Qwen3-MoE;
+`global_balance=True`): a micro-batch is too small and too homogeneous (one domain, one document)
+for $f_i$ to say whether the router is balanced, and balancing each one forces every sequence to
+use every expert. The global-batch loss keeps $P_i$ local but takes $f_i$ from the counts of all
+micro-batches since the last optimizer step (a running sum, reset by `on_optimizer_step()`) and,
+when `router.balance_group` is set, summed over that process group in every training forward
+(one all-reduce of $E$ floats; Megatron-Core's `global_aux_loss`). In `eval()` the counts are
+the batch's own.
+
 ## Defaults and what is confirmed
 
 | preset | E | k | weights | balance loss weight |
@@ -109,7 +118,7 @@ from typing import Literal
 
 import torch
 
-from impls.functional import load_balance_loss, topk, z_loss
+from impls.functional import expert_counts, load_balance_loss, masked_mean, topk, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
 from impls.router import Router, RouterConfig
@@ -131,6 +140,9 @@ class TopKConfig(RouterConfig):
         estimator: ``"topk"`` (deterministic top-k, exact gradient of the kept weights) or
             ``"sparsemixer"`` (GRIN's SparseMixer-v2: masked-softmax sampling with a straight-through
             router gradient in training; ``softmax_order``, ``normalize`` and ``norm_p`` do not apply).
+        global_balance: also return ``global_load_balance``, the balance loss with the expert
+            fractions ``f_i`` counted over every micro-batch since the last optimizer step (and over
+            ``router.balance_group``'s ranks), the router probabilities ``P_i`` local (Qiu et al. 2025).
         sparsemixer_eps: SparseMixer's mask threshold $\\epsilon$ (experts with
             $(z^* - z_i)/\\max(|z_i|, z^*) > 2\\epsilon$ are masked); GRIN's ``router_jitter_noise``.
     """
@@ -142,6 +154,7 @@ class TopKConfig(RouterConfig):
     logit_norm_scale: float | None = None
     estimator: Literal["topk", "sparsemixer"] = "topk"
     sparsemixer_eps: float = 0.01
+    global_balance: bool = False
 
     def validate(self, num_experts: int) -> None:
         super().validate(num_experts)
@@ -243,6 +256,39 @@ class TopKRouter(Router):
     papers = ("mixtral-8x7b", "jamba", "dbrx", "jetmoe", "qwen1-5-moe", "skywork-moe", "grin")
     causal = True
     Config = TopKConfig
+    fp32_buffers = ("global_counts",)
+
+    def __init__(self, d_model: int, num_experts: int, config=None, **options):
+        super().__init__(d_model, num_experts, config, **options)
+        #: process group whose counts the global-batch balance loss sums (``None``: this process)
+        self.balance_group = None
+        if self.config.global_balance:
+            self.register_buffer(
+                "global_counts", torch.zeros(num_experts, dtype=torch.float32), persistent=False
+            )
+
+    def _global_balance(self, probs_TE, ids_TK, token_mask_T) -> torch.Tensor:
+        """``E sum_i f_i P_i`` with ``f`` from the counts since the last step (all ranks), ``P`` local."""
+        counts_E = expert_counts(ids_TK, self.num_experts, token_mask_T)
+        if (
+            self.balance_group is not None
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
+            counts_E = counts_E.clone()
+            torch.distributed.all_reduce(counts_E, group=self.balance_group)
+        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+            with torch.no_grad():
+                self.global_counts += counts_E
+            counts_E = self.global_counts
+        f_E = counts_E / counts_E.sum().clamp_min(1)
+        P_E = masked_mean(probs_TE, token_mask_T)
+        return self.num_experts * (f_E.detach() * P_E).sum()
+
+    def on_optimizer_step(self, process_group=None) -> None:
+        """Reset the global-batch counts (a new global batch starts)."""
+        if self.config.global_balance:
+            self.global_counts.zero_()
 
     @property
     def combine_normalization(self) -> float | str | None:
@@ -272,6 +318,8 @@ class TopKRouter(Router):
             "load_balance": load_balance_loss(probs_TE, ids_TK, token_mask_T),
             "z_loss": z_loss(h_TE, token_mask_T),
         }
+        if cfg.global_balance:
+            losses["global_load_balance"] = self._global_balance(probs_TE, ids_TK, token_mask_T)
         return RoutingPlan(ids_TK, w_TK, keep_TK, probs_TE, logits_TE, losses, token_mask_T)
 
 
