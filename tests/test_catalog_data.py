@@ -105,6 +105,10 @@ BEYOND_SURVEY = LOAD_BALANCING_SEEDS | {
     "moe-plus-plus",
     "erc-loss",
     "latent-moe",
+    "olmoe",
+    "gpt-oss",
+    "qwen3",
+    "global-batch-balance",
 }
 MOJIBAKE = re.compile("â€|âˆ|Î£|Ã")
 
@@ -237,6 +241,10 @@ def test_works_beyond_the_survey_are_marked(real_catalog):
         "moe-plus-plus",
         "erc-loss",
         "latent-moe",
+        "olmoe",
+        "gpt-oss",
+        "qwen3",
+        "global-batch-balance",
     }
     assert beyond == BEYOND_SURVEY | {"efficient-routing-sparse-moe"}
     assert {w.slug for w in real_catalog.works if w.provenance == "tracked"} == tracked

@@ -253,7 +253,19 @@ class TopKRouter(Router):
     """
 
     name = "topk"
-    papers = ("mixtral-8x7b", "jamba", "dbrx", "jetmoe", "qwen1-5-moe", "skywork-moe", "grin")
+    papers = (
+        "mixtral-8x7b",
+        "jamba",
+        "dbrx",
+        "jetmoe",
+        "qwen1-5-moe",
+        "skywork-moe",
+        "grin",
+        "olmoe",
+        "qwen3",
+        "global-batch-balance",
+        "gpt-oss",
+    )
     causal = True
     Config = TopKConfig
     fp32_buffers = ("global_counts",)
@@ -442,5 +454,93 @@ GRIN_MOE = register_preset(
             "gives no weight for its (globally counted) balance loss, so the preset weights it 0. The "
             "released block jitters the experts' input too; here the jitter reaches the router only."
         ),
+    )
+)
+OLMOE_1B_7B = register_preset(
+    Preset(
+        name="olmoe_1b_7b",
+        router="topk",
+        options={"k": 8, "normalize": False},
+        num_experts=64,
+        layer=_SWIGLU,
+        loss_coefficients={"load_balance": 0.01, "z_loss": 0.001},
+        papers=("olmoe",),
+        description=(
+            "OLMoE-1B-7B (Muennighoff et al. 2024, arXiv 2409.02060): 64 experts, top-8 of the softmax "
+            "with the raw probabilities as weights, dropless, balance loss 0.01 and router z-loss 0.001."
+        ),
+        deviations=(
+            "Values from the released training config (moe_loss_weight 0.01, moe_zloss_weight 0.001) and "
+            "Hugging Face's OlmoeConfig (norm_topk_prob false); MegaBlocks' z-loss normalization differs."
+        ),
+    )
+)
+QWEN3_30B_A3B = register_preset(
+    Preset(
+        name="qwen3_30b_a3b",
+        router="topk",
+        options={"k": 8, "normalize": True, "global_balance": True},
+        num_experts=128,
+        layer=_SWIGLU,
+        loss_coefficients={"global_load_balance": 0.001},
+        papers=("qwen3", "global-batch-balance"),
+        description=(
+            "Qwen3-30B-A3B (Qwen Team 2025): 128 experts, top-8, renormalized, no shared expert, the "
+            "global-batch balance loss (Qiu et al. 2025) with weight 0.001."
+        ),
+        deviations=(
+            "Values from copies of the released config.json (norm_topk_prob true, router_aux_loss_coef "
+            "0.001); the official file was not read."
+        ),
+    )
+)
+QWEN3_235B_A22B = register_preset(
+    Preset(
+        name="qwen3_235b_a22b",
+        router="topk",
+        options={"k": 8, "normalize": True, "global_balance": True},
+        num_experts=128,
+        layer=_SWIGLU,
+        loss_coefficients={"global_load_balance": 0.001},
+        papers=("qwen3", "global-batch-balance"),
+        description=(
+            "Qwen3-235B-A22B (Qwen Team 2025): 128 experts of width 1536, top-8, renormalized, the "
+            "global-batch balance loss with weight 0.001."
+        ),
+        deviations="Values from copies of the released config.json; the official file was not read.",
+    )
+)
+_GPT_OSS = {"k": 4, "softmax_order": "after", "router_bias": True}
+GPT_OSS_120B = register_preset(
+    Preset(
+        name="gpt_oss_120b",
+        router="topk",
+        options=_GPT_OSS,
+        num_experts=128,
+        layer=_SWIGLU,
+        papers=("gpt-oss",),
+        description=(
+            "gpt-oss-120b (OpenAI 2025 model card, arXiv 2508.10925): a linear router with bias, top-4 of "
+            "128 experts, softmax over the 4 kept logits."
+        ),
+        deviations=(
+            "Router only: the experts' clamped SwiGLU (limit 7, alpha 1.702, +1 on the linear branch, "
+            "interleaved columns) and expert biases are not modelled. No balance weight (training value "
+            "not published; the released config's router_aux_loss_coef 0.9 is read from copies only)."
+        ),
+    )
+)
+GPT_OSS_20B = register_preset(
+    Preset(
+        name="gpt_oss_20b",
+        router="topk",
+        options=_GPT_OSS,
+        num_experts=32,
+        layer=_SWIGLU,
+        papers=("gpt-oss",),
+        description=(
+            "gpt-oss-20b (OpenAI 2025, arXiv 2508.10925): biased linear router, top-4 of 32, softmax over 4."
+        ),
+        deviations="As gpt_oss_120b: router only, no balance weight.",
     )
 )
