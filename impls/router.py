@@ -54,6 +54,14 @@ from impls.functional import capacity_keep, expert_capacity
 from impls.plan import RoutingPlan
 
 
+def all_reduce_sum(tensor: torch.Tensor, process_group: Any = None) -> torch.Tensor:
+    """Sum ``tensor`` in place over ``process_group`` (when one is given and ``torch.distributed`` is
+    initialized); returns it. The one place routers exchange their between-step statistics."""
+    if process_group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, group=process_group)
+    return tensor
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
     """Options every router accepts. Subclasses extend it with their own frozen dataclass.

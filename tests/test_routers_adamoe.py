@@ -57,6 +57,8 @@ def test_copy_init_starts_null_logits_equal_to_real_ones_and_real_k_varies():
     real = plan.keep_TK.sum(-1)
     assert real.min() < 3 and real.max() == 3  # fewer real experts where nulls were chosen
     torch.testing.assert_close(plan.experts_per_token, real.float().mean())
+    # the paper's rule: the mean real experts per token is k times the share of non-null slots
+    torch.testing.assert_close(plan.experts_per_token, 3 * (1 - plan.info["null_fraction"]))
 
 
 def test_preset_and_validation():

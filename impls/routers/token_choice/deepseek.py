@@ -124,7 +124,7 @@ from impls.functional import (
 )
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig
+from impls.router import Router, RouterConfig, all_reduce_sum
 
 __all__ = ["DeepSeekConfig", "DeepSeekRouter", "group_limited_mask"]
 
@@ -338,12 +338,7 @@ class DeepSeekRouter(Router):
         counts = self.tokens_per_expert.clone()
         if not self.config.aux_free_bias:
             return counts
-        if (
-            process_group is not None
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        ):
-            torch.distributed.all_reduce(counts, group=process_group)
+        all_reduce_sum(counts, process_group)
         # no counts since the last call give sign(0) = 0: no change (and no host sync to check)
         self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
         self.tokens_per_expert.zero_()

@@ -71,7 +71,7 @@ from torch import nn
 from impls.functional import masked_mean
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig
+from impls.router import Router, RouterConfig, all_reduce_sum
 
 __all__ = ["TopAnyConfig", "TopAnyRouter", "straight_through_sign"]
 
@@ -246,13 +246,8 @@ class TopAnyRouter(Router):
         all-reduces them over the expert-parallel group), so every rank takes the same decision.
         """
         routed, unrouted = self.routed_tokens.clone(), self.unrouted_sum.clone()
-        if (
-            process_group is not None
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        ):
-            torch.distributed.all_reduce(routed, group=process_group)
-            torch.distributed.all_reduce(unrouted, group=process_group)
+        all_reduce_sum(routed, process_group)
+        all_reduce_sum(unrouted, process_group)
         mask = self.expert_mask & (routed > 0)
         norm = unrouted.norm()
         free = ~mask

@@ -79,7 +79,7 @@ import torch
 
 from impls.plan import RoutingPlan
 from impls.registry import register_router
-from impls.router import RouterConfig
+from impls.router import RouterConfig, all_reduce_sum
 from impls.routers.token_choice.deepseek import DeepSeekConfig, DeepSeekRouter
 
 __all__ = [
@@ -255,22 +255,15 @@ class QuantileBalancingRouter(DeepSeekRouter):
     def update_bias(self, process_group=None) -> torch.Tensor:
         """Set the bias from what the training forwards since the last call collected; returns it."""
         cfg = self.config
-        dist = (
-            process_group is not None
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        )
         if cfg.quantile_mode == "exact":
             stats = torch.cat([self.bias_sum, self.bias_count[None]])
-            if dist:
-                torch.distributed.all_reduce(stats, group=process_group)
+            all_reduce_sum(stats, process_group)
             total, count = stats[:-1], stats[-1]
             new = total / count.clamp_min(1)
             seen = count > 0
         else:
             stats = torch.cat([self.histogram.flatten(), self.hist_tokens[None]])
-            if dist:
-                torch.distributed.all_reduce(stats, group=process_group)
+            all_reduce_sum(stats, process_group)
             hist = stats[:-1].view_as(self.histogram)
             m = stats[-1]
             low, width = self._histogram_range()

@@ -79,7 +79,7 @@ from torch import nn
 from impls.functional import masked_mean
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig
+from impls.router import Router, RouterConfig, all_reduce_sum
 
 __all__ = ["ReMoEConfig", "ReMoERouter"]
 
@@ -181,12 +181,7 @@ class ReMoERouter(Router):
     def on_optimizer_step(self, process_group=None) -> None:
         """Eq. 7: ``lambda *= alpha ** sign(target - S)`` from the pairs counted since the last call."""
         counts = torch.stack([self.active_pairs, self.routed_pairs])
-        if (
-            process_group is not None
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        ):
-            torch.distributed.all_reduce(counts, group=process_group)
+        all_reduce_sum(counts, process_group)
         active, routed = counts
         sparsity = 1.0 - active / routed.clamp_min(1)
         target = self.config.target_sparsity(self.num_experts)

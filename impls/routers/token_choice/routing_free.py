@@ -80,7 +80,7 @@ from torch import nn
 from impls.functional import masked_mean
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig
+from impls.router import Router, RouterConfig, all_reduce_sum
 
 __all__ = ["RoutingFreeConfig", "RoutingFreeMoE", "RoutingFreeRouter", "routing_free_balance"]
 
@@ -217,12 +217,7 @@ class RoutingFreeRouter(Router):
         """Eq. 17: ``lambda = min(lambda * (1 + eta) ** sign(rho - rho_inf), lambda_max)``."""
         cfg = self.config
         counts = torch.stack([self.active_pairs, self.routed_pairs])
-        if (
-            process_group is not None
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        ):
-            torch.distributed.all_reduce(counts, group=process_group)
+        all_reduce_sum(counts, process_group)
         active, routed = counts
         density = active / routed.clamp_min(1)
         direction = torch.sign(density - cfg.density_target) * (routed > 0)

@@ -121,7 +121,7 @@ import torch
 from impls.functional import expert_counts, load_balance_loss, masked_mean, topk, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig
+from impls.router import Router, RouterConfig, all_reduce_sum
 
 __all__ = ["TopKConfig", "TopKRouter", "sparsemixer_topk", "standardize_logits", "topk_softmax"]
 
@@ -282,13 +282,8 @@ class TopKRouter(Router):
     def _global_balance(self, probs_TE, ids_TK, token_mask_T) -> torch.Tensor:
         """``E sum_i f_i P_i`` with ``f`` from the counts since the last step (all ranks), ``P`` local."""
         counts_E = expert_counts(ids_TK, self.num_experts, token_mask_T)
-        if (
-            self.balance_group is not None
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        ):
-            counts_E = counts_E.clone()
-            torch.distributed.all_reduce(counts_E, group=self.balance_group)
+        if self.balance_group is not None:
+            counts_E = all_reduce_sum(counts_E.clone(), self.balance_group)
         if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
             with torch.no_grad():
                 self.global_counts += counts_E
