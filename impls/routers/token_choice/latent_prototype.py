@@ -88,14 +88,14 @@ class LPRConfig(RouterConfig):
     """Options of ``LPRRouter``.
 
     Attributes:
-        k: experts per token.
+        k: experts per token (2 by default, as the other top-k routers; the presets use the paper's 8).
         latent_dim: ``d``, the latent space's dimension.
         diversity_weight, kl_weight, align_weight: the terms' weights inside ``lpr``.
         token_diversity: include the ``T x T`` token-diversity term.
         align_target: ``"mean"`` (the weighted centroid) or ``"sum"`` (the released code's form).
     """
 
-    k: int = 8
+    k: int = 2
     latent_dim: int = 16
     diversity_weight: float = 1.0
     kl_weight: float = 0.01
