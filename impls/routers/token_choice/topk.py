@@ -58,8 +58,8 @@ for $f_i$ to say whether the router is balanced, and balancing each one forces e
 use every expert. The global-batch loss keeps $P_i$ local but takes $f_i$ from the counts of all
 micro-batches since the last optimizer step (a running sum, reset by `on_optimizer_step()`) and,
 when `router.balance_group` is set, summed over that process group in every training forward
-(one all-reduce of $E$ floats; Megatron-Core's `global_aux_loss`). In `eval()` the counts are
-the batch's own.
+(one all-reduce of $E$ floats; Megatron-Core's `global_aux_loss`), kept by
+`impls.balance.GlobalLoadBalance`. In `eval()` the counts are the batch's own.
 
 ## Defaults and what is confirmed
 
@@ -113,15 +113,17 @@ print(out.shape, plan.experts_per_token)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from impls.functional import expert_counts, load_balance_loss, masked_mean, topk, z_loss
+from impls.balance import GlobalLoadBalance
+from impls.functional import expert_counts, load_balance_loss, load_balance_loss_from_counts, topk, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig, all_reduce_sum
+from impls.router import Router, RouterConfig
 
 __all__ = ["TopKConfig", "TopKRouter", "sparsemixer_topk", "standardize_logits", "topk_softmax"]
 
@@ -268,34 +270,31 @@ class TopKRouter(Router):
     )
     causal = True
     Config = TopKConfig
-    fp32_buffers = ("global_counts",)
 
     def __init__(self, d_model: int, num_experts: int, config=None, **options):
         super().__init__(d_model, num_experts, config, **options)
         #: process group whose counts the global-batch balance loss sums (``None``: this process)
         self.balance_group = None
-        if self.config.global_balance:
-            self.register_buffer(
-                "global_counts", torch.zeros(num_experts, dtype=torch.float32), persistent=False
-            )
+        self._global = GlobalLoadBalance(num_experts) if self.config.global_balance else None
 
-    def _global_balance(self, probs_TE, ids_TK, token_mask_T) -> torch.Tensor:
-        """``E sum_i f_i P_i`` with ``f`` from the counts since the last step (all ranks), ``P`` local."""
-        counts_E = expert_counts(ids_TK, self.num_experts, token_mask_T)
-        if self.balance_group is not None:
-            counts_E = all_reduce_sum(counts_E.clone(), self.balance_group)
+    @property
+    def global_counts(self) -> torch.Tensor:
+        """The expert counts pooled since the last optimizer step (zeros when none)."""
+        c = None if self._global is None else self._global.counts_E
+        return c if c is not None else torch.zeros(self.num_experts)
+
+    def _global_balance(self, plan: RoutingPlan) -> torch.Tensor:
+        """Global-batch balance loss: ``f`` from the step's pooled counts (training), ``P`` local."""
         if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
-            with torch.no_grad():
-                self.global_counts += counts_E
-            counts_E = self.global_counts
-        f_E = counts_E / counts_E.sum().clamp_min(1)
-        P_E = masked_mean(probs_TE, token_mask_T)
-        return self.num_experts * (f_E.detach() * P_E).sum()
+            self._global.process_group = self.balance_group
+            return self._global.loss(plan)
+        counts_E = expert_counts(plan.expert_ids_TK, self.num_experts, plan.token_mask_T)
+        return load_balance_loss_from_counts(plan.scores_TE, counts_E, plan.token_mask_T)
 
     def on_optimizer_step(self, process_group=None) -> None:
         """Reset the global-batch counts (a new global batch starts)."""
-        if self.config.global_balance:
-            self.global_counts.zero_()
+        if self._global is not None:
+            self._global.reset()
 
     @property
     def combine_normalization(self) -> float | str | None:
@@ -325,9 +324,12 @@ class TopKRouter(Router):
             "load_balance": load_balance_loss(probs_TE, ids_TK, token_mask_T),
             "z_loss": z_loss(h_TE, token_mask_T),
         }
+        plan = RoutingPlan(ids_TK, w_TK, keep_TK, probs_TE, logits_TE, losses, token_mask_T)
         if cfg.global_balance:
-            losses["global_load_balance"] = self._global_balance(probs_TE, ids_TK, token_mask_T)
-        return RoutingPlan(ids_TK, w_TK, keep_TK, probs_TE, logits_TE, losses, token_mask_T)
+            plan = dataclasses.replace(
+                plan, losses={**losses, "global_load_balance": self._global_balance(plan)}
+            )
+        return plan
 
 
 _SWIGLU = {"activation": "swiglu"}
