@@ -415,6 +415,8 @@ def run(
 def _why_not_causal(router) -> str:
     if router.name == "lory":
         return "the first segment routes on its own average, as in the paper"
+    if router.name == "laser":
+        return "in evaluation a flat token takes the least-loaded candidates, loads counted over the batch"
     if not type(router).causal:
         return "the routing rule itself: experts choose tokens, or a transport plan couples the batch"
     return "the capacity limit: which tokens overflow depends on the others"
