@@ -46,12 +46,10 @@ loss = out.pow(2).mean() + layer.router.coupling_loss(layer.experts)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from impls.registry import register_router
-from impls.router import RouterConfig
 from impls.routers.token_choice.topk import TopKConfig, TopKRouter
 
 __all__ = ["ERCConfig", "ERCRouter", "erc_loss", "proxy_tokens"]
@@ -110,9 +108,6 @@ class ERCRouter(TopKRouter):
     papers = ("erc-loss",)
     Config = ERCConfig
     config: ERCConfig
-
-    def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
-        super().__init__(d_model, num_experts, config, **options)
 
     def coupling_loss(self, experts) -> torch.Tensor:
         """The ERC loss against an ``impls`` ``GroupedExperts`` (its gate projections)."""

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -61,7 +60,6 @@ from impls.functional import masked_mean
 from impls.layer import _kept_rows, combine
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import RouterConfig
 from impls.routers.token_choice.deepseek import DeepSeekConfig, DeepSeekRouter
 
 __all__ = [
@@ -128,9 +126,6 @@ class SpecializationRouter(DeepSeekRouter):
     name = "expert_specialization"
     papers = ("advancing-expert-specialization",)
     Config = SpecializationConfig
-
-    def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
-        super().__init__(d_model, num_experts, config, **options)
 
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         plan = super().route(logits_TE, x_TD, token_mask_T)
