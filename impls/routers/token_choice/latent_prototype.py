@@ -157,7 +157,9 @@ class LPRRouter(Router):
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """``[T, E]`` cosine similarities of the latent means to the prototypes."""
-        mu, _ = self.encode(x_TD)
+        cached, self._latent = getattr(self, "_latent", None), None
+        mu, log_var = cached[1:] if cached is not None and cached[0] is x_TD else self.encode(x_TD)
+        self._latent = (x_TD, mu, log_var)  # route() of the same call reuses the encoding
         return (
             nn.functional.normalize(mu, dim=-1, eps=1e-8)
             @ nn.functional.normalize(self.prototypes.float(), dim=-1, eps=1e-8).T
