@@ -25,7 +25,7 @@ $(BIN)/.installed-site: pyproject.toml
 	touch $@
 
 $(BIN)/.installed: $(BIN)/.installed-site pyproject.toml
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,hf]"
 	touch $@
 
 install: $(BIN)/.installed

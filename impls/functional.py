@@ -76,6 +76,7 @@ def capacity_keep(
     policy: DropPolicy = "position",
     priority_TK: torch.Tensor | None = None,
     token_mask_T: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """Which routed slots fit in their expert's capacity.
 
@@ -86,10 +87,31 @@ def capacity_keep(
     when the priority is the token's top score). Padding tokens and empty slots (``-1``) never
     consume capacity.
 
+    ``group_size`` splits the ``T`` tokens into consecutive groups of that many tokens (one per
+    sequence, or Mesh-TensorFlow's / GShard's ``group_size``), each with its own ``capacity`` per
+    expert: every group is served independently, in the same single vectorized pass (the
+    expert bucket becomes ``(group, expert)``). ``None`` = the whole batch is one group.
+
     Returns ``bool [T, K]``: True where the assignment is kept.
     """
     T, K = expert_ids_TK.shape
     device = expert_ids_TK.device
+    if group_size is not None:
+        if group_size <= 0 or T % group_size:
+            raise ValueError(f"capacity_keep: group_size={group_size} does not divide the {T} tokens")
+        if group_size < T:
+            G = T // group_size
+            group_TK = (torch.arange(T, device=device) // group_size)[:, None].expand(T, K)
+            # bucket (group, expert); invalid slots keep -1 and land in the sentinel bucket
+            ids = torch.where(expert_ids_TK >= 0, group_TK * num_experts + expert_ids_TK, -1)
+            return capacity_keep(
+                ids,
+                G * num_experts,
+                capacity,
+                policy=policy,
+                priority_TK=priority_TK,
+                token_mask_T=token_mask_T,
+            )
     valid_TK = expert_ids_TK >= 0
     if token_mask_T is not None:
         valid_TK = valid_TK & token_mask_T[:, None]

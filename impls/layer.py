@@ -42,9 +42,11 @@ from impls.plan import MergePlan, RoutingPlan, SlotPlan
 from impls.registry import PRESETS, build_router
 from impls.router import Router
 
-Activation = Literal["gelu", "swiglu"]
+Activation = Literal["gelu", "relu", "swiglu", "geglu", "gpt_oss_swiglu"]
 ExpertImpl = Literal["auto", "grouped_mm", "bmm"]
-_ACTIVATIONS = ("gelu", "swiglu")
+_ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu", "gpt_oss_swiglu")
+#: activations whose input projection has two halves, ``[gate | up]``
+GATED_ACTIVATIONS = frozenset({"swiglu", "geglu", "gpt_oss_swiglu"})
 _IMPLS = ("auto", "grouped_mm", "bmm")
 
 # ---------------------------------------------------------------------------------- dispatch
@@ -272,12 +274,44 @@ def _aligned(dtype: torch.dtype, *widths: int) -> bool:
     return all((w * elem) % 16 == 0 for w in widths)
 
 
-class GroupedExperts(nn.Module):
-    """``E`` expert MLPs as stacked weights: ``y = act(x W_in[e]) W_out[e]``.
+class _RowBias(torch.autograd.Function):
+    """``h + b[expert_N]`` for rows sorted by expert, with a deterministic bias gradient.
 
-    ``activation="gelu"``: ``W_in`` is ``[E, D, F]``. ``activation="swiglu"``: ``W_in`` is
-    ``[E, D, 2F]`` (gate and up projections side by side), ``h = silu(x W_g) * (x W_u)``. No biases
-    (as in the MoE LLMs covered here). Initialization as ``nn.Linear`` (uniform, fan-in).
+    The gradient of a gathered bias is a scatter-add with colliding indices (atomics on CUDA);
+    since the rows are grouped by expert, it is instead a segmented sum over the groups
+    (``torch.segment_reduce``), the same on every device. Rows past the last group (dropped or
+    spare rows) get the last expert's bias; they are never read.
+    """
+
+    @staticmethod
+    def forward(ctx, h_NF, b_EF, expert_N, counts_E):  # type: ignore[override]
+        ctx.save_for_backward(counts_E)
+        return h_NF + b_EF.index_select(0, expert_N).to(h_NF.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_NF):  # type: ignore[override]
+        (counts_E,) = ctx.saved_tensors
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            rest = grad_NF.shape[0] - counts_E.sum()
+            lengths = torch.cat([counts_E, rest.view(1)])
+            g = grad_NF.to(torch.promote_types(grad_NF.dtype, torch.float32))
+            grad_b = torch.segment_reduce(g, "sum", lengths=lengths, axis=0)[:-1]
+        return grad_NF, grad_b, None, None
+
+
+class GroupedExperts(nn.Module):
+    """``E`` expert MLPs as stacked weights: ``y = act(x W_in[e] + b_in[e]) W_out[e] + b_out[e]``.
+
+    Activations: ``"gelu"`` (exact, erf), ``"relu"`` (Switch Transformer, T5), and the gated
+    ``"swiglu"`` ``silu(x W_g) * (x W_u)`` (Shazeer 2020; Mixtral, DeepSeek, Qwen, ...),
+    ``"geglu"`` ``gelu(x W_g) * (x W_u)`` and ``"gpt_oss_swiglu"``, gpt-oss's clamped form
+    ``(clamp(x W_u, -l, l) + 1) * g * sigmoid(alpha g)`` with ``g = min(x W_g, l)``,
+    ``alpha = swiglu_alpha`` (1.702) and ``l = swiglu_limit`` (7.0). Non-gated: ``W_in`` is
+    ``[E, D, F]``; gated: ``[E, D, 2F]`` with the gate and up projections side by side
+    (``[gate | up]``). ``bias=True`` adds the expert biases ``b_in [E, F or 2F]`` and ``b_out [E, D]``
+    (gpt-oss); without, none (most MoE LLMs). Initialization as ``nn.Linear`` (uniform, fan-in).
     """
 
     def __init__(
@@ -287,6 +321,9 @@ class GroupedExperts(nn.Module):
         d_hidden: int,
         activation: Activation = "gelu",
         *,
+        bias: bool = False,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -302,34 +339,70 @@ class GroupedExperts(nn.Module):
             d_hidden,
             activation,
         )
-        width_in = 2 * d_hidden if activation == "swiglu" else d_hidden
+        self.swiglu_alpha, self.swiglu_limit = float(swiglu_alpha), float(swiglu_limit)
+        width_in = 2 * d_hidden if activation in GATED_ACTIVATIONS else d_hidden
         kw = {"dtype": dtype, "device": device}
         self.w_in_EDF = nn.Parameter(torch.empty(num_experts, d_model, width_in, **kw))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_hidden, d_model, **kw))
+        self.b_in_EF: nn.Parameter | None = None
+        self.b_out_ED: nn.Parameter | None = None
+        if bias:
+            self.b_in_EF = nn.Parameter(torch.empty(num_experts, width_in, **kw))
+            self.b_out_ED = nn.Parameter(torch.empty(num_experts, d_model, **kw))
         self.reset_parameters()
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b_in_EF is not None
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             b_in, b_out = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_hidden)
             self.w_in_EDF.uniform_(-b_in, b_in)
             self.w_out_EFD.uniform_(-b_out, b_out)
+            if self.b_in_EF is not None and self.b_out_ED is not None:
+                self.b_in_EF.uniform_(-b_in, b_in)
+                self.b_out_ED.uniform_(-b_out, b_out)
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
-        if self.activation == "swiglu":
-            g, u = h.chunk(2, dim=-1)
+        a = self.activation
+        if a == "gelu":
+            return F.gelu(h)
+        if a == "relu":
+            return F.relu(h)
+        g, u = h.chunk(2, dim=-1)
+        if a == "swiglu":
             return F.silu(g) * u
-        return F.gelu(h)
+        if a == "geglu":
+            return F.gelu(g) * u
+        lim = self.swiglu_limit  # gpt_oss_swiglu
+        g, u = g.clamp(max=lim), u.clamp(-lim, lim)
+        return (u + 1) * (g * torch.sigmoid(g * self.swiglu_alpha))
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on ``x [n, D]`` with plain matmuls (used by the loop oracle)."""
-        return self._act(x @ self.w_in_EDF[e]) @ self.w_out_EFD[e]
+        h = x @ self.w_in_EDF[e]
+        if self.b_in_EF is not None:
+            h = h + self.b_in_EF[e]
+        y = self._act(h) @ self.w_out_EFD[e]
+        if self.b_out_ED is not None:
+            y = y + self.b_out_ED[e]
+        return y
 
     def dense_forward(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Every expert on its own rows: ``x_ECD [E, C, D] -> [E, C, D]`` (one ``bmm`` per projection).
 
         Used for Soft MoE's slots, where each expert gets the same number of rows.
         """
-        return torch.bmm(self._act(torch.bmm(x_ECD, self.w_in_EDF)), self.w_out_EFD)
+        return self._batched(x_ECD, self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED)
+
+    def _batched(self, x_BND, w_in, w_out, b_in, b_out) -> torch.Tensor:
+        """``act(x W_in + b_in) W_out + b_out`` batched over the first axis (``bmm``)."""
+        h = torch.bmm(x_BND, w_in)
+        if b_in is not None:
+            h = h + b_in[:, None, :]
+        y = torch.bmm(self._act(h), w_out)
+        return y if b_out is None else y + b_out[:, None, :]
 
     def merged_forward(self, x_GND: torch.Tensor, w_GE: torch.Tensor) -> torch.Tensor:
         """Merged experts: group ``g``'s rows go through the expert ``sum_e w[g, e] * theta_e``.
@@ -340,7 +413,10 @@ class GroupedExperts(nn.Module):
         w = w_GE.to(self.w_in_EDF.dtype)
         w_in = torch.einsum("ge,edf->gdf", w, self.w_in_EDF)
         w_out = torch.einsum("ge,efd->gfd", w, self.w_out_EFD)
-        return torch.bmm(self._act(torch.bmm(x_GND, w_in)), w_out)
+        b_in = b_out = None
+        if self.b_in_EF is not None and self.b_out_ED is not None:
+            b_in, b_out = w @ self.b_in_EF, w @ self.b_out_ED
+        return self._batched(x_GND, w_in, w_out, b_in, b_out)
 
     def resolve_impl(self, impl: ExpertImpl, x: torch.Tensor) -> str:
         if impl not in _IMPLS:
@@ -356,11 +432,18 @@ class GroupedExperts(nn.Module):
         """Expert outputs for rows sorted by expert; rows outside every group are unspecified."""
         how = self.resolve_impl(impl, x_ND)
         if how == "grouped_mm":
-            offs = torch.cumsum(d.counts_E, 0).to(torch.int32)
-            h = torch._grouped_mm(x_ND, self.w_in_EDF, offs=offs)
-            h = self._act(_ContiguousGrad.apply(h))
-            y = torch._grouped_mm(h, self.w_out_EFD, offs=offs)
-            return _ContiguousGrad.apply(y)
+            ends_E = torch.cumsum(d.counts_E, 0)
+            offs = ends_E.to(torch.int32)
+            h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, self.w_in_EDF, offs=offs))
+            expert_N = None
+            if self.b_in_EF is not None and self.b_out_ED is not None:
+                row = torch.arange(x_ND.shape[0], device=x_ND.device)
+                expert_N = torch.searchsorted(ends_E, row, right=True).clamp_max(self.num_experts - 1)
+                h = _RowBias.apply(h, self.b_in_EF, expert_N, d.counts_E)
+            y = _ContiguousGrad.apply(torch._grouped_mm(self._act(h), self.w_out_EFD, offs=offs))
+            if expert_N is not None:
+                y = _RowBias.apply(y, self.b_out_ED, expert_N, d.counts_E)
+            return y
         return self._padded_bmm(x_ND, d)
 
     def _padded_bmm(self, x_ND: torch.Tensor, d: Dispatch) -> torch.Tensor:
@@ -380,8 +463,9 @@ class GroupedExperts(nn.Module):
         idx_N = torch.where(ok_N, expert_N * C + pos_N, E * C)  # E*C = a dummy row
         # padding rows stay zero (garbage there would reach the weight gradient as NaN * 0)
         buf = x_ND.new_zeros(E * C + 1, x_ND.shape[1]).index_copy(0, idx_N, x_ND)
-        h = self._act(torch.bmm(buf[: E * C].view(E, C, -1), self.w_in_EDF))
-        y = torch.bmm(h, self.w_out_EFD).reshape(E * C, -1)
+        y = self._batched(
+            buf[: E * C].view(E, C, -1), self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED
+        ).reshape(E * C, -1)
         # rows outside every expert are never read downstream: any in-range index will do
         return F.embedding(idx_N.clamp_max(E * C - 1), y)
 
@@ -421,6 +505,8 @@ _LAYER_DEFAULTS: dict[str, Any] = {
     "num_shared_experts": 0,
     "d_hidden_shared": None,
     "shared_expert_gate": False,
+    "expert_bias": False,
+    "output_bias": False,
 }
 
 
@@ -433,7 +519,11 @@ class MoELayer(nn.Module):
         num_experts: routed experts ``E``; may be omitted for presets that fix it.
         router: a ``impls.Router`` instance, or a registry / preset name built with
             ``router_options`` (e.g. ``"mixtral_8x7b"``, ``"switch_base"``, ``"topk"``).
-        activation: ``"gelu"`` or ``"swiglu"`` experts.
+        activation: the experts' activation: ``"gelu"``, ``"relu"``, ``"swiglu"``, ``"geglu"`` or
+            ``"gpt_oss_swiglu"`` (see ``GroupedExperts``).
+        expert_bias: give every routed expert its input and output biases (gpt-oss).
+        output_bias: add one learned bias ``[D]`` to the mixture of every real token (JetMoE's
+            layer bias; padding rows stay zero).
         num_shared_experts: always-on experts applied to every token (DeepSeekMoE).
         d_hidden_shared: hidden width of each shared expert (default ``d_hidden``).
         shared_expert_gate: scale the shared output by a learned per-token sigmoid (Qwen1.5-MoE).
@@ -462,6 +552,8 @@ class MoELayer(nn.Module):
         num_shared_experts: int | None = None,
         d_hidden_shared: int | None = None,
         shared_expert_gate: bool | None = None,
+        expert_bias: bool | None = None,
+        output_bias: bool | None = None,
         expert_impl: ExpertImpl = "auto",
         loss_coefficients: Mapping[str, float] | None = None,
         dtype: torch.dtype | None = None,
@@ -491,6 +583,8 @@ class MoELayer(nn.Module):
             "num_shared_experts": num_shared_experts,
             "d_hidden_shared": d_hidden_shared,
             "shared_expert_gate": shared_expert_gate,
+            "expert_bias": expert_bias,
+            "output_bias": output_bias,
         }
         layer_opts = dict(_LAYER_DEFAULTS)
         if preset is not None:
@@ -509,8 +603,17 @@ class MoELayer(nn.Module):
         self.activation: str = layer_opts["activation"]
         self.expert_impl = expert_impl
         self.experts = GroupedExperts(
-            self.num_experts, d_model, d_hidden, self.activation, dtype=dtype, device=device
+            self.num_experts,
+            d_model,
+            d_hidden,
+            self.activation,
+            bias=bool(layer_opts["expert_bias"]),
+            dtype=dtype,
+            device=device,
         )
+        self.output_bias: nn.Parameter | None = None
+        if layer_opts["output_bias"]:
+            self.output_bias = nn.Parameter(torch.zeros(d_model, dtype=dtype, device=device))
         self.shared: SharedExperts | None = None
         if n_shared:
             width = n_shared * (layer_opts["d_hidden_shared"] or d_hidden)
@@ -612,7 +715,7 @@ class MoELayer(nn.Module):
         out = out.to(x_BLD.dtype)
         if mask_BL is not None:
             out = torch.where(mask_BL[..., None], out, out.new_zeros(()))
-        if self.shared is not None:
+        if self.shared is not None or self.output_bias is not None:
             mask_T = None if mask_BL is None else mask_BL.reshape(-1)
             out = self._add_shared(out.reshape(B * L, D), xz.reshape(B * L, D), mask_T).view(B, L, D)
         return out
@@ -632,10 +735,15 @@ class MoELayer(nn.Module):
         return self._add_shared(out_TD, x_TD, mask_T)
 
     def _add_shared(self, out_TD, x_TD, mask_T):
+        """Add the shared experts and the output bias (padding rows stay zero)."""
+        if self.shared is None and self.output_bias is None:
+            return out_TD
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD.to(self.experts.w_in_EDF.dtype)).to(out_TD.dtype)
-            if mask_T is not None:
-                out_TD = torch.where(mask_T[:, None], out_TD, out_TD.new_zeros(()))
+        if self.output_bias is not None:
+            out_TD = out_TD + self.output_bias.to(out_TD.dtype)
+        if mask_T is not None:
+            out_TD = torch.where(mask_T[:, None], out_TD, out_TD.new_zeros(()))
         return out_TD
 
     def forward_tasks(
@@ -667,5 +775,6 @@ class MoELayer(nn.Module):
         return (
             f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, "
             f"activation={self.activation!r}, num_shared_experts={self.num_shared_experts}, "
+            f"expert_bias={self.experts.has_bias}, output_bias={self.output_bias is not None}, "
             f"expert_impl={self.expert_impl!r}"
         )

@@ -46,4 +46,9 @@ def moe_loop_reference(
         if padding_mask is not None:
             shared = shared * padding_mask.reshape(-1, 1).to(shared.dtype)
         out_TD = out_TD + shared
+    if layer.output_bias is not None:
+        bias_TD = layer.output_bias.to(x.dtype).expand_as(out_TD)
+        if padding_mask is not None:
+            bias_TD = bias_TD * padding_mask.reshape(-1, 1).to(x.dtype)
+        out_TD = out_TD + bias_TD
     return out_TD.view(x.shape), plan

@@ -67,7 +67,9 @@ class RoutingPlan:
         losses: unweighted auxiliary loss terms by name (``load_balance``, ``z_loss``, ...),
             scalar tensors computed from this very decision. Weight them with ``aux_loss()``.
         token_mask_T: ``bool [T]`` valid (non-padding) tokens, or ``None`` when all are valid.
-        capacity: tokens per expert when capacity was enforced, else ``None`` (dropless).
+        capacity: tokens per expert when capacity was enforced, else ``None`` (dropless); with
+            per-group capacity (``capacity_groups``) the bound over all groups (per-group capacity x
+            groups).
         info: router-specific extras (e.g. Sinkhorn iterations used), tensors or numbers.
     """
 

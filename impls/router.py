@@ -78,6 +78,15 @@ class RouterConfig:
             ``"probability"`` (lower router probability; V-MoE's batch-prioritized routing) or
             ``"random"`` (a uniformly random subset of the expert's tokens is kept in training:
             DeepSpeed's Random Token Selection, used by Z-code M3; ``"position"`` in ``eval()``).
+        capacity_groups: where the capacity applies: ``"batch"`` (one capacity per expert over
+            all tokens of the call), ``"sequence"`` (each sequence has its own capacity, computed
+            from its length: Switch Transformer's and Hugging Face's per-sequence capacity; needs a
+            ``[batch, seq, D]`` input or ``sequence_length``) or an int ``G`` (consecutive groups
+            of ``G`` tokens, Mesh-TensorFlow's ``group_size``; must divide the token count). All
+            groups are served in one vectorized call.
+        expert_capacity: a fixed capacity per expert and group (Hugging Face Switch
+            Transformers' ``config.expert_capacity``), in training and evaluation, instead of
+            one computed from ``capacity_factor``.
     """
 
     k: int = 1
@@ -87,6 +96,15 @@ class RouterConfig:
     eval_capacity_factor: float | None = None
     min_capacity: int = 0
     drop_policy: Literal["position", "probability", "random"] = "position"
+    capacity_groups: Literal["batch", "sequence"] | int = "batch"
+    expert_capacity: int | None = None
+
+    @property
+    def has_capacity(self) -> bool:
+        """Whether any capacity option is set (routers that drop nothing refuse them)."""
+        return any(
+            v is not None for v in (self.capacity_factor, self.eval_capacity_factor, self.expert_capacity)
+        )
 
     def validate(self, num_experts: int) -> None:
         """Raise ``ValueError`` naming the bad option; subclasses extend this."""
@@ -104,6 +122,12 @@ class RouterConfig:
             raise ValueError(
                 f"drop_policy must be 'position', 'probability' or 'random', got {self.drop_policy!r}"
             )
+        g = self.capacity_groups
+        if not (g in ("batch", "sequence") or (isinstance(g, int) and not isinstance(g, bool) and g > 0)):
+            raise ValueError(f"capacity_groups must be 'batch', 'sequence' or a positive int, got {g!r}")
+        c = self.expert_capacity
+        if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c <= 0):
+            raise ValueError(f"expert_capacity must be a positive int or None, got {c!r}")
 
 
 class Router(nn.Module):
@@ -220,10 +244,9 @@ class Router(nn.Module):
                 token_mask_T = finite_T if token_mask_T is None else token_mask_T & finite_T
             self._sequence_length = sequence_length
             try:
-                plan = self.route(logits_TE, x_TD, token_mask_T)
+                plan = self._apply_capacity(self.route(logits_TE, x_TD, token_mask_T))
             finally:
                 self._sequence_length = None
-            plan = self._apply_capacity(plan)
             keep_TK, weights_TK = plan.keep_TK & (plan.expert_ids_TK >= 0), plan.weights_TK
             if token_mask_T is not None:  # padding keeps no slot, whatever route() returned
                 keep_TK = keep_TK & token_mask_T[:, None]
@@ -374,6 +397,8 @@ class Router(nn.Module):
     # ------------------------------------------------------------------ helpers
     def current_capacity(self, num_tokens: int) -> int | None:
         """Capacity for ``num_tokens`` under the current mode (train/eval), or ``None`` if dropless."""
+        if self.config.expert_capacity is not None:
+            return max(1, min(num_tokens, max(self.config.min_capacity, self.config.expert_capacity)))
         cf = self.config.capacity_factor
         if not self.training and self.config.eval_capacity_factor is not None:
             cf = self.config.eval_capacity_factor
@@ -381,8 +406,27 @@ class Router(nn.Module):
             return None
         return expert_capacity(num_tokens, self.num_experts, self.config.k, cf, self.config.min_capacity)
 
+    def capacity_group_size(self, num_tokens: int) -> int:
+        """Tokens per capacity group for a call of ``num_tokens`` (see ``capacity_groups``)."""
+        g = self.config.capacity_groups
+        if g == "batch":
+            return num_tokens
+        if g == "sequence":
+            if self.sequence_length is None:
+                raise ValueError(
+                    f"{type(self).__name__}: capacity_groups='sequence' needs a [batch, seq, D] input "
+                    "or sequence_length="
+                )
+            return self.sequence_length
+        if num_tokens % g:
+            raise ValueError(
+                f"{type(self).__name__}: capacity_groups={g} does not divide the {num_tokens} tokens"
+            )
+        return g
+
     def _apply_capacity(self, plan: RoutingPlan) -> RoutingPlan:
-        cap = self.current_capacity(plan.num_tokens)
+        group = self.capacity_group_size(plan.num_tokens)
+        cap = self.current_capacity(group)
         if cap is None:
             return plan
         policy, priority_TK = self.config.drop_policy, None
@@ -398,10 +442,13 @@ class Router(nn.Module):
             policy=policy,
             priority_TK=priority_TK,
             token_mask_T=plan.token_mask_T,
+            group_size=group,
         )
         keep = keep & plan.keep_TK
         weights = torch.where(keep, plan.weights_TK, torch.zeros_like(plan.weights_TK))
-        return dataclasses.replace(plan, keep_TK=keep, weights_TK=weights, capacity=cap)
+        # the dispatch's static bound on any expert's rows: every group may fill it
+        bound = cap * (plan.num_tokens // group)
+        return dataclasses.replace(plan, keep_TK=keep, weights_TK=weights, capacity=bound)
 
     def drop_priority(self, plan: RoutingPlan) -> torch.Tensor:
         """Priority of each slot under ``drop_policy="probability"``: the router's score of that choice."""
@@ -454,7 +501,7 @@ class SequenceRouterConfig(RouterConfig):
         self.reject_token_choice_options()
 
     def reject_token_choice_options(self) -> None:
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError(
                 "this router drops no token (no expert has a capacity); capacity_factor is not supported"
             )

@@ -87,6 +87,11 @@ class ExpertChoiceConfig(RouterConfig):
             raise ValueError(
                 f"k must be 1 for expert choice (use capacity_factor for experts per token), got {self.k}"
             )
+        if self.capacity_groups != "batch" or self.expert_capacity is not None:
+            raise ValueError(
+                "expert choice takes C = ceil(T * c / E) tokens per expert over the whole call; "
+                "capacity_groups and expert_capacity are not supported"
+            )
 
 
 @register_router

@@ -81,7 +81,7 @@ class LSHConfig(RouterConfig):
             raise ValueError(
                 f"num_experts must be num_tables * 2**m (got num_experts={num_experts}, num_tables={s})"
             )
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("LSH routing is dropless; capacity_factor is not supported")
         if self.jitter_eps:
             raise ValueError("LSH routing hashes the token itself; jitter_eps is not supported")

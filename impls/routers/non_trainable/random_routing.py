@@ -128,7 +128,7 @@ class ThorConfig(RouterConfig):
             raise ValueError("THOR activates one expert per layer (k=1)")
         if self.eval_routing not in ("token", "sequence"):
             raise ValueError(f"eval_routing must be 'token' or 'sequence', got {self.eval_routing!r}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("THOR routes a whole batch to one expert; capacity_factor is not supported")
 
 

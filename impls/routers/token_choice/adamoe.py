@@ -96,7 +96,7 @@ class AdaMoEConfig(RouterConfig):
                 f"k must be in [1, num_experts + num_null_experts = {num_experts + self.num_null_experts}], "
                 f"got {self.k!r}"
             )
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("AdaMoE routes dropless; capacity_factor is not supported")
         if self.router_bias:
             raise ValueError("AdaMoE's routers have no bias")

@@ -124,7 +124,7 @@ class DeepSeekV4HashConfig(DeepSeekConfig):
             )
         if self.aux_free_bias or self.n_group != 1:
             raise ValueError("hash layers have no bias and no expert groups (aux_free_bias=False, n_group=1)")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("hash layers are dropless; capacity_factor is not supported")
 
 

@@ -114,7 +114,7 @@ class DSelectKConfig(RouterConfig):
             raise ValueError(f"gamma must be a finite number > 0, got {self.gamma}")
         if self.conditioning not in ("example", "static"):
             raise ValueError(f"conditioning must be 'example' or 'static', got {self.conditioning!r}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("DSelect-k mixes every selected expert; capacity_factor is not supported")
 
 

@@ -120,7 +120,7 @@ class TopAnyConfig(RouterConfig):
             raise ValueError(f"scale must be > 0, got {self.scale}")
         if self.adapt_every is not None and (not isinstance(self.adapt_every, int) or self.adapt_every < 1):
             raise ValueError(f"adapt_every must be an int >= 1 or None, got {self.adapt_every!r}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("top-any gating is dropless; capacity_factor is not supported")
 
 

@@ -150,7 +150,7 @@ class FlextronConfig(RouterConfig):
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.k != 1:
             raise ValueError(f"Flextron picks one width per token (k=1), got k={self.k}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("a width choice has no capacity; capacity_factor is not supported")
 
     def widths(self, num_experts: int) -> tuple[float, ...]:

@@ -126,7 +126,7 @@ class MoEPlusPlusConfig(RouterConfig):
             raise ValueError(f"gate must be 'linear' or 'mlp', got {self.gate!r}")
         if self.router_bias:
             raise ValueError("MoE++'s gates have no bias")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("MoE++'s heterogeneous capacities are not modelled; the router is dropless")
 
     def num_ffn(self, num_experts: int) -> int:

@@ -111,7 +111,7 @@ class ReMoEConfig(RouterConfig):
             raise ValueError(f"l1_step must be > 1, got {self.l1_step}")
         if not self.init_std > 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError(
                 "ReMoE routes dropless (a token's expert count varies); capacity_factor is not supported"
             )

@@ -132,7 +132,7 @@ class RoutingFreeConfig(RouterConfig):
             raise ValueError("lambda_init and lambda_step must be > 0 and lambda_max >= lambda_init")
         if not 0 <= self.mu <= 1:
             raise ValueError(f"mu must be in [0, 1], got {self.mu}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("routing-free experts are dropless; capacity_factor is not supported")
         if self.router_bias:
             raise ValueError("routing-free MoE has no gate; router_bias does not apply (b_i is built in)")

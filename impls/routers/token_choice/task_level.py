@@ -93,7 +93,7 @@ class TaskLevelConfig(RouterConfig):
             raise ValueError("tau_start and tau_min must be > 0 and tau_decay >= 0")
         if self.k != 1:
             raise ValueError(f"task-level routing selects one expert per task (k=1), got k={self.k}")
-        if self.capacity_factor is not None or self.eval_capacity_factor is not None:
+        if self.has_capacity:
             raise ValueError("task-level routing drops no token; capacity_factor is not supported")
 
 

@@ -508,22 +508,24 @@ QWEN3_235B_A22B = register_preset(
     )
 )
 _GPT_OSS = {"k": 4, "softmax_order": "after", "router_bias": True}
+_GPT_OSS_LAYER = {"activation": "gpt_oss_swiglu", "expert_bias": True}
 GPT_OSS_120B = register_preset(
     Preset(
         name="gpt_oss_120b",
         router="topk",
         options=_GPT_OSS,
         num_experts=128,
-        layer=_SWIGLU,
+        layer=_GPT_OSS_LAYER,
         papers=("gpt-oss",),
         description=(
             "gpt-oss-120b (OpenAI 2025 model card, arXiv 2508.10925): a linear router with bias, top-4 of "
             "128 experts, softmax over the 4 kept logits."
         ),
         deviations=(
-            "Router only: the experts' clamped SwiGLU (limit 7, alpha 1.702, +1 on the linear branch, "
-            "interleaved columns) and expert biases are not modelled. No balance weight (training value "
-            "not published; the released config's router_aux_loss_coef 0.9 is read from copies only)."
+            "The experts' clamped SwiGLU (limit 7, alpha 1.702, +1 on the linear branch) and expert biases "
+            "are modelled (activation 'gpt_oss_swiglu', expert_bias); the released weights interleave the "
+            "gate and linear columns, impls.hf de-interleaves them. No balance weight (training value not "
+            "published; the released config's router_aux_loss_coef 0.9 is read from copies only)."
         ),
     )
 )
@@ -533,11 +535,11 @@ GPT_OSS_20B = register_preset(
         router="topk",
         options=_GPT_OSS,
         num_experts=32,
-        layer=_SWIGLU,
+        layer=_GPT_OSS_LAYER,
         papers=("gpt-oss",),
         description=(
             "gpt-oss-20b (OpenAI 2025, arXiv 2508.10925): biased linear router, top-4 of 32, softmax over 4."
         ),
-        deviations="As gpt_oss_120b: router only, no balance weight.",
+        deviations="As gpt_oss_120b: clamped SwiGLU experts with biases, no balance weight.",
     )
 )
