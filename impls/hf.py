@@ -139,6 +139,7 @@ class _Spec:
 
     family: str
     classes: tuple[str, ...]
+    preset: str
     build: Callable[[nn.Module], MoELayer]
     copy_in: Callable[[MoELayer, nn.Module], None]
     copy_out: Callable[[MoELayer, nn.Module], None]
@@ -259,6 +260,7 @@ def _topk_family(
     return _Spec(
         family=family,
         classes=classes,
+        preset=preset,
         build=build,
         copy_in=copy_in,
         copy_out=copy_out,
@@ -344,6 +346,7 @@ def _deepseek_family(family: str, classes: tuple[str, ...], preset: str) -> _Spe
     return _Spec(
         family=family,
         classes=classes,
+        preset=preset,
         build=build,
         copy_in=copy_in,
         copy_out=copy_out,
@@ -395,6 +398,7 @@ def _dbrx_spec() -> _Spec:
     return _Spec(
         family="dbrx",
         classes=("DbrxFFN",),
+        preset="dbrx",
         build=build,
         copy_in=copy_in,
         copy_out=copy_out,
@@ -445,6 +449,7 @@ def _jetmoe_spec() -> _Spec:
     return _Spec(
         family="jetmoe",
         classes=("JetMoeMoE",),
+        preset="jetmoe",
         build=build,
         copy_in=copy_in,
         copy_out=copy_out,
@@ -508,6 +513,7 @@ def _switch_spec() -> _Spec:
     return _Spec(
         family="switch_transformers",
         classes=("SwitchTransformersSparseMLP",),
+        preset="switch_base",
         build=build,
         copy_in=copy_in,
         copy_out=copy_out,
@@ -568,6 +574,7 @@ def _gpt_oss_spec() -> _Spec:
     return _Spec(
         family="gpt_oss",
         classes=("GptOssMLP",),
+        preset="gpt_oss_20b (32 experts) or gpt_oss_120b",
         build=build,
         copy_in=copy_in,
         copy_out=copy_out,

@@ -10,15 +10,18 @@ Five roles, five pieces:
 * **dispatch** — ``make_dispatch()`` sorts the ``T * K`` slots by expert (a stable sort of small
   integer keys; slots that are empty, padding or dropped go to a sentinel bucket at the end) and
   ``permute()`` gathers the token rows into that order; parameter-free;
-* **experts** — ``GroupedExperts``, ``E`` MLPs (GELU or SwiGLU) as stacked weights, computed
-  with one grouped matrix multiply per projection (``torch._grouped_mm``), or, where that kernel
-  is unavailable (float64, unaligned widths, old torch), an exact padded ``bmm`` fallback; never a
+* **experts** — ``GroupedExperts``, ``E`` MLPs (GELU, ReLU, SwiGLU, GEGLU or gpt-oss' clamped
+  SwiGLU; optional expert biases) as stacked weights, computed with one grouped matrix multiply
+  per projection (``torch._grouped_mm``; inside a ``torch.compile`` graph, for dtypes other than
+  bfloat16, through the opaque ``moe_atlas::grouped_mm`` op), or, where that kernel is
+  unavailable (float64, unaligned widths, old torch), an exact padded ``bmm`` fallback; never a
   Python loop over experts;
 * **combine** — ``combine()`` gathers each slot's expert output back (every index distinct, so
   forward and backward are deterministic on every device: no ``index_add_``/``scatter_add_``
   with colliding indices), weights it and sums over ``K`` with float32 accumulation (fused in
   one ``embedding_bag`` for float32 rows on CPU); the result is cast back to the input dtype;
-* **layer** — ``MoELayer`` composes them and adds always-on shared experts.
+* **layer** — ``MoELayer`` composes them and adds always-on shared experts and an optional
+  output bias (JetMoE).
 
 The layer returns only the expert mixture; **the caller adds the residual** (``x + moe(x)[0]``),
 so tokens dropped by a capacity limit contribute exactly zero and keep only the residual stream.
@@ -248,12 +251,78 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _gmm_eager(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+def _gmm_fake(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+def _gmm_backward_eager(x, w, offs, grad):
+    grad = grad.contiguous()
+    grad_x = torch._grouped_mm(grad, w.transpose(-2, -1), offs=offs)
+    grad_w = torch._grouped_mm(x.t(), grad, offs=offs)
+    return grad_x, grad_w
+
+
+def _gmm_backward_fake(x, w, offs, grad):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _gmm_setup(ctx, inputs, output):
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _gmm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.moe_atlas.grouped_mm_backward(x, w, offs, grad)
+    return grad_x, grad_w, None
+
+
+# ``torch._grouped_mm``'s compiler rules (fake tensors, inductor lowering) accept bfloat16 only,
+# while its eager CPU/CUDA kernels also run float32: compiled graphs call it through this opaque
+# op for other dtypes (the compiler schedules the eager kernel; forward and backward).
+torch.library.custom_op(
+    "moe_atlas::grouped_mm", _gmm_eager, mutates_args=(), schema="(Tensor x, Tensor w, Tensor offs) -> Tensor"
+)
+torch.library.register_fake("moe_atlas::grouped_mm", _gmm_fake)
+torch.library.custom_op(
+    "moe_atlas::grouped_mm_backward",
+    _gmm_backward_eager,
+    mutates_args=(),
+    schema="(Tensor x, Tensor w, Tensor offs, Tensor grad) -> (Tensor, Tensor)",
+)
+torch.library.register_fake("moe_atlas::grouped_mm_backward", _gmm_backward_fake)
+torch.library.register_autograd("moe_atlas::grouped_mm", _gmm_backward, setup_context=_gmm_setup)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(x, w, offs=offs)``; inside a compiled graph, for dtypes other than
+    bfloat16, through the opaque ``moe_atlas::grouped_mm`` op (the compiler has rules for
+    bfloat16 only)."""
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return torch.ops.moe_atlas.grouped_mm(x, w, offs)
+    return torch._grouped_mm(x, w, offs=offs)
+
+
 @functools.cache
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    return _grouped_mm_runs(device_type, dtype)
+
+
+@torch.compiler.assume_constant_result
 def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs (forward and backward) for this device type and dtype.
 
-    Probed once per ``(device_type, dtype)`` on a tiny aligned problem and cached.
+    Probed once per ``(device_type, dtype)`` on a tiny aligned problem and cached; a compiled
+    graph takes the answer as a constant (the probe runs eagerly, outside the graph).
     """
+    return _probe_grouped_mm(device_type, dtype)
+
+
+def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
@@ -434,13 +503,13 @@ class GroupedExperts(nn.Module):
         if how == "grouped_mm":
             ends_E = torch.cumsum(d.counts_E, 0)
             offs = ends_E.to(torch.int32)
-            h = _ContiguousGrad.apply(torch._grouped_mm(x_ND, self.w_in_EDF, offs=offs))
+            h = _ContiguousGrad.apply(grouped_mm(x_ND, self.w_in_EDF, offs))
             expert_N = None
             if self.b_in_EF is not None and self.b_out_ED is not None:
                 row = torch.arange(x_ND.shape[0], device=x_ND.device)
                 expert_N = torch.searchsorted(ends_E, row, right=True).clamp_max(self.num_experts - 1)
                 h = _RowBias.apply(h, self.b_in_EF, expert_N, d.counts_E)
-            y = _ContiguousGrad.apply(torch._grouped_mm(self._act(h), self.w_out_EFD, offs=offs))
+            y = _ContiguousGrad.apply(grouped_mm(self._act(h), self.w_out_EFD, offs))
             if expert_N is not None:
                 y = _RowBias.apply(y, self.b_out_ED, expert_N, d.counts_E)
             return y

@@ -62,6 +62,13 @@ def all_reduce_sum(tensor: torch.Tensor, process_group: Any = None) -> torch.Ten
     return tensor
 
 
+def recomputing_in_backward() -> bool:
+    """Whether this forward is a recomputation inside backward (activation checkpointing), where
+    routers must not update their between-step state a second time. Inside a ``torch.compile``
+    graph the forward is traced once and its state updates are part of it: ``False``."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
     """Options every router accepts. Subclasses extend it with their own frozen dataclass.
@@ -238,8 +245,9 @@ class Router(nn.Module):
             # (IEEE: NaN * w and inf * 0 are NaN), so the check runs on [T, E], not on [T, D].
             finite_T = torch.isfinite(logits_TE).all(-1)
             nonfinite = (~finite_T).sum()
-            # routers that sync anyway pay for the mask only when a non-finite token is there
-            if not self.nonfinite_sync or bool(nonfinite):
+            # routers that sync anyway pay for the mask only when a non-finite token is there;
+            # compiled, every router takes the masked path (the same result, no data-dependent branch)
+            if not self.nonfinite_sync or torch.compiler.is_compiling() or bool(nonfinite):
                 logits_TE = logits_TE.masked_fill(~finite_T[:, None], 0.0)
                 token_mask_T = finite_T if token_mask_T is None else token_mask_T & finite_T
             self._sequence_length = sequence_length
@@ -327,11 +335,16 @@ class Router(nn.Module):
                 raise ValueError(f"{name}: {n} must have shape {list(lead)}{per_seq}, got {list(v.shape)}")
             bound = ranges.get(n)
             if flat.numel() and bound is not None:
-                # one host sync per input: an id out of range must not index a table silently
-                lo, hi = torch.stack([flat.min(), flat.max()]).tolist()
-                if lo < 0 or hi >= bound:
-                    bad = lo if lo < 0 else hi
-                    raise ValueError(f"{name}: {n} must be in [0, {bound}), got {bad}")
+                if torch.compiler.is_compiling():
+                    # in a compiled graph the check stays on the device (no graph break, no sync)
+                    ok = (flat.min() >= 0) & (flat.max() < bound)
+                    torch._assert_async(ok, f"{name}: {n} must be in [0, {bound})")
+                else:
+                    # one host sync per input: an id out of range must not index a table silently
+                    lo, hi = torch.stack([flat.min(), flat.max()]).tolist()
+                    if lo < 0 or hi >= bound:
+                        bad = lo if lo < 0 else hi
+                        raise ValueError(f"{name}: {n} must be in [0, {bound}), got {bad}")
             out[n] = flat.long()
         return out
 
@@ -383,6 +396,16 @@ class Router(nn.Module):
     def max_experts_per_token(self) -> int:
         """Most slots a token can fill (``k`` for fixed top-k; override for variable-k routers)."""
         return self.config.k
+
+    @property
+    def compile_break(self) -> str | None:
+        """Why ``torch.compile(router, fullgraph=True)`` cannot capture one graph in the current mode
+        (a host sync or an object the compiler cannot trace), or ``None`` when it can.
+
+        Routers with a reason still compile without ``fullgraph`` (the compiler breaks the graph
+        there and runs that step eagerly) and give the eager result. Override per router.
+        """
+        return None
 
     @property
     def combine_normalization(self) -> float | str | None:

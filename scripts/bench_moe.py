@@ -17,6 +17,14 @@ reports medians, the ratio ``moe / dense``, the loop's slowdown, and memory: pea
 GPU, peak resident set growth on CPU (Linux), and on both the bytes autograd saved for backward. Then it times
 every router alone (forward, and forward + backward).
 
+With ``--compile`` the layer (and the dense baseline) are also timed under ``torch.compile``,
+side by side with eager (rows ``moe compiled``, ``dense compiled``). With ``--vs-hf`` it times the
+layer against Hugging Face transformers' own Mixtral-style block (``MixtralSparseMoeBlock``, SwiGLU
+experts, top-k renormalized softmax) on the same weights (``impls.hf.from_hf``), once per experts
+implementation transformers offers (``eager``, ``grouped_mm``, ``batched_mm``; one that would need
+more than ``--hf-memory-gib`` of gathered weights is skipped and says so), forward + backward,
+interleaved in one run, plus the layer's grouped-GEMM floor (its expert matmuls alone).
+
 Examples::
 
     python scripts/bench_moe.py                                   # CPU fp32 targets shape
@@ -27,6 +35,9 @@ Examples::
         --d-hidden 1024 --experts 64 --k 16          # fine-grained: same active FLOPs as E=8, k=2
     python scripts/bench_moe.py --device cuda --dtype bfloat16 --steps-per-sample 5   # training-loop timing
     python scripts/bench_moe.py --routers topk switch_base deepseek_v3 --no-loop
+    python scripts/bench_moe.py --vs-hf --compile --activation swiglu --d-hidden 1024 --routers ''
+    python scripts/bench_moe.py --vs-hf --activation swiglu --d-hidden 256 --experts 64 --k 8 \
+        --dtype bfloat16 --routers ''
 """
 
 from __future__ import annotations
@@ -65,7 +76,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-hidden", type=int, default=2048, help="expert hidden width F (default 2048)")
     p.add_argument("--experts", type=int, default=8, help="routed experts E (default 8)")
     p.add_argument("--k", type=int, default=2, help="experts per token (default 2)")
-    p.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"], help="expert MLP type")
+    p.add_argument(
+        "--activation", default="gelu", choices=["gelu", "relu", "swiglu", "geglu"], help="expert MLP type"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="also time the layer and the dense MLP under torch.compile"
+    )
+    p.add_argument(
+        "--vs-hf",
+        action="store_true",
+        help="time the layer against transformers' MixtralSparseMoeBlock on the same weights, once per "
+        "experts implementation (needs transformers and --activation swiglu)",
+    )
+    p.add_argument(
+        "--hf-memory-gib",
+        type=float,
+        default=4.0,
+        help="skip a transformers experts implementation whose gathered weights would exceed this "
+        "(batched_mm copies one expert's weights per token and slot; default 4 GiB)",
+    )
+    p.add_argument("--only-hf", action="store_true", help="with --vs-hf: skip the dense/loop table")
     p.add_argument("--router", default="topk", help="router or preset inside the timed layer (default topk)")
     p.add_argument("--expert-impl", default="auto", choices=["auto", "grouped_mm", "bmm"])
     p.add_argument(
@@ -205,7 +235,7 @@ class DenseMLP(torch.nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int, activation: str, dtype, device):
         super().__init__()
-        width_in = 2 * d_hidden if activation == "swiglu" else d_hidden
+        width_in = 2 * d_hidden if activation in ("swiglu", "geglu") else d_hidden
         self.activation = activation
         self.w1 = torch.nn.Parameter(
             torch.randn(d_model, width_in, dtype=dtype, device=device) / d_model**0.5
@@ -216,11 +246,11 @@ class DenseMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x @ self.w1
-        if self.activation == "swiglu":
+        if self.activation in ("swiglu", "geglu"):
             g, u = h.chunk(2, dim=-1)
-            h = F.silu(g) * u
+            h = (F.silu(g) if self.activation == "swiglu" else F.gelu(g)) * u
         else:
-            h = F.gelu(h)
+            h = F.relu(h) if self.activation == "relu" else F.gelu(h)
         return h @ self.w2
 
 
@@ -306,10 +336,49 @@ def zero_grads(*modules_and_tensors) -> None:
             m.zero_grad(set_to_none=True)
 
 
+def compiled_steps(layer, dense, x, g, coefs):
+    """The moe and dense steps with ``torch.compile``d modules (the same weights)."""
+    fullgraph = layer.router.compile_break is None
+    c_layer = torch.compile(layer, fullgraph=fullgraph)
+    c_dense = torch.compile(dense, fullgraph=True)
+
+    def dense_step(saved: SavedBytes | None = None) -> None:
+        with saved.hooks() if saved else contextlib.nullcontext():
+            y = c_dense(x)
+        y.backward(g)
+
+    def moe_step(saved: SavedBytes | None = None) -> None:
+        with saved.hooks() if saved else contextlib.nullcontext():
+            y, plan = c_layer(x)
+            aux = plan.aux_loss(coefs)
+        torch.autograd.backward([y, aux], [g, None])
+
+    return {"moe compiled": moe_step, "dense compiled": dense_step}
+
+
+def interleaved(steps: dict[str, Callable], args, device, reset: Callable[[], None]):
+    """Warm every step up, then time them repeat by repeat in turn: ``(wall, cpu)`` lists by name."""
+    for step in tqdm(steps.values(), desc="warm-up", disable=len(steps) < 2):
+        for _ in range(args.warmup):
+            step()
+            reset()
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    cpu: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in tqdm(range(args.repeats), desc="repeats", disable=args.repeats < 2):
+        for name, step in steps.items():
+            wall, proc = timed_both(lambda step=step: _steps(step, args.steps_per_sample), device)
+            times[name].append(wall / args.steps_per_sample)
+            cpu[name].append(proc / args.steps_per_sample)
+            reset()
+    return times, cpu
+
+
 def bench_layer(args, device, dtype) -> dict[str, dict[str, float | None]]:
     layer, dense, x, g, coefs = build(args, device, dtype)
     layer.train()
     steps = make_steps(layer, dense, x, g, coefs)
+    if args.compile:
+        steps.update(compiled_steps(layer, dense, x, g, coefs))
     if args.no_loop:
         steps.pop("loop")
     if args.gemm_floors:
@@ -318,18 +387,7 @@ def bench_layer(args, device, dtype) -> dict[str, dict[str, float | None]]:
         steps[f"moe[{impl}]"] = _moe_step_with_impl(layer, x, g, coefs, impl)
     log.info("layer: %s", layer.extra_repr())
     log.info("expert implementation: %s", layer.experts.resolve_impl(args.expert_impl, x))
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-            zero_grads(layer, dense, x)
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    cpu: dict[str, list[float]] = {n: [] for n in steps}
-    for _ in tqdm(range(args.repeats), desc="layer repeats", disable=args.repeats < 2):
-        for name, step in steps.items():  # interleaved
-            wall, proc = timed_both(lambda step=step: _steps(step, args.steps_per_sample), device)
-            times[name].append(wall / args.steps_per_sample)
-            cpu[name].append(proc / args.steps_per_sample)
-            zero_grads(layer, dense, x)
+    times, cpu = interleaved(steps, args, device, lambda: zero_grads(layer, dense, x))
     out: dict[str, dict[str, float | None]] = {}
     for name, step in steps.items():
         peak, saved = measure_memory(step, device)
@@ -347,6 +405,126 @@ def bench_layer(args, device, dtype) -> dict[str, dict[str, float | None]]:
             "saved_mib": saved,
         }
     return out
+
+
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+
+
+def build_hf(args, device, dtype):
+    """transformers' Mixtral block at the benchmark shape and the layer holding its weights."""
+    try:
+        import transformers
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError as exc:
+        raise SystemExit(f"--vs-hf needs transformers (pip install 'moe-atlas[hf]'): {exc}") from None
+    import impls.hf
+
+    cfg = transformers.MixtralConfig(
+        hidden_size=args.d_model,
+        intermediate_size=args.d_hidden,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.k,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        hidden_act="silu",
+    )
+    cfg._experts_implementation = "grouped_mm"
+    torch.manual_seed(args.seed)
+    block = MixtralSparseMoeBlock(cfg).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, args.d_model**-0.5)
+    block.train()
+    layer = impls.hf.from_hf(block)
+    layer.expert_impl = args.expert_impl
+    return block, layer, transformers.__version__
+
+
+def hf_gathered_gib(args, dtype) -> float:
+    """Bytes ``batched_mm`` gathers: one expert's three matrices per (token, slot)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return args.tokens * args.k * 3 * args.d_model * args.d_hidden * elem / 2**30
+
+
+def bench_vs_hf(args, device, dtype):
+    """``(rows, skipped, version)``: the layer and transformers' block, interleaved, same weights."""
+    block, layer, version = build_hf(args, device, dtype)
+    T, D = args.tokens, args.d_model
+    x = torch.randn(1, T, D, dtype=dtype, device=device, requires_grad=True)
+    g = torch.randn(1, T, D, dtype=dtype, device=device)
+    steps: dict[str, Callable] = {}
+    skipped: dict[str, str] = {}
+    experts_cfg = block.experts.config
+
+    def hf_step(impl):
+        def step(saved: SavedBytes | None = None) -> None:
+            experts_cfg._experts_implementation = impl
+            with saved.hooks() if saved else contextlib.nullcontext():
+                y = block(x.clone())  # the block scales its input in place when jittering
+            y.backward(g)
+
+        return step
+
+    for impl in HF_IMPLS:
+        gib = hf_gathered_gib(args, dtype)
+        if impl == "batched_mm" and gib > args.hf_memory_gib:
+            limit = args.hf_memory_gib
+            skipped[impl] = f"would gather {gib:.0f} GiB of expert weights (> --hf-memory-gib {limit:g})"
+            continue
+        steps[f"transformers {impl}"] = hf_step(impl)
+
+    def layer_step(saved: SavedBytes | None = None, fn=layer) -> None:
+        with saved.hooks() if saved else contextlib.nullcontext():
+            y, _ = fn(x)
+        y.backward(g)
+
+    steps["moe-atlas layer"] = layer_step
+    if args.compile:
+        c_layer = torch.compile(layer, fullgraph=layer.router.compile_break is None)
+        steps["moe-atlas layer compiled"] = lambda saved=None: layer_step(saved, c_layer)
+    floor = make_gemm_floor_steps(layer, x.detach().view(T, D), g.view(T, D))
+    steps["moe-atlas grouped-GEMM floor"] = floor["experts only"]
+    with torch.no_grad():  # the layer and the block compute the same function
+        ref = block(x.detach().clone())
+        out, _ = layer(x.detach())
+    err = (out.float() - ref.float()).abs().max().item()
+    log.info("max |layer - block| on the benchmark input: %.3g", err)
+
+    def reset():
+        zero_grads(block, layer, x)
+
+    times, _ = interleaved(steps, args, device, reset)
+    experts_cfg._experts_implementation = "grouped_mm"
+    rows = {n: statistics.median(t) for n, t in times.items()}
+    return rows, skipped, version, err, times
+
+
+def report_vs_hf(args, rows, skipped, version, err, times) -> None:
+    layer_t = rows["moe-atlas layer"]
+    hf_rows = {n: t for n, t in rows.items() if n.startswith("transformers ")}
+    best_name = min(hf_rows, key=hf_rows.get)
+    print(
+        f"\n## Against transformers {version} (MixtralSparseMoeBlock, same weights; max output difference "
+        f"{err:.2g}); forward + backward, median of {args.repeats} interleaved repeats\n"
+    )
+    print("| method | median ms | min ms | layer speed-up (this / layer, paired median) |")
+    print("|---|---|---|---|")
+    for n, t in rows.items():
+        paired = statistics.median(a / b for a, b in zip(times[n], times["moe-atlas layer"], strict=True))
+        print(f"| {n} | {t * 1e3:.1f} | {min(times[n]) * 1e3:.1f} | {paired:.3f} |")
+    for n, why in skipped.items():
+        print(f"| transformers {n} | skipped | | {why} |")
+    paired_best = statistics.median(
+        a / b for a, b in zip(times[best_name], times["moe-atlas layer"], strict=True)
+    )
+    floor = rows["moe-atlas grouped-GEMM floor"]
+    print(
+        f"\nfastest transformers path: {best_name}; its time / the layer's = {paired_best:.3f} "
+        f"(>= 1.0: the layer is at least as fast)"
+    )
+    print(f"layer / its grouped-GEMM floor = {layer_t / floor:.3f} (ratio of medians)")
+    if "moe-atlas layer compiled" in rows:
+        print(f"compiled layer / eager layer = {rows['moe-atlas layer compiled'] / layer_t:.3f}")
 
 
 def profile_steps(args, device, dtype) -> None:
@@ -475,6 +653,13 @@ def main(argv: list[str] | None = None) -> int:
         f"activation={args.activation} router={args.router}; training step (forward + backward), "
         f"median of {args.repeats} interleaved repeats of {args.steps_per_sample} consecutive step(s)\n"
     )
+    if args.vs_hf:
+        if args.activation != "swiglu":
+            log.error("--vs-hf compares against Mixtral's SwiGLU experts: pass --activation swiglu")
+            return 2
+        report_vs_hf(args, *bench_vs_hf(args, device, dtype))
+        if args.only_hf:
+            return 0
     res = bench_layer(args, device, dtype)
     dense_t = res["dense"]["median_s"]
     moe_t = res["moe"]["median_s"]
@@ -496,6 +681,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "loop" in res:
         print(f"loop/moe speed-up = {res['loop']['median_s'] / moe_t:.2f}x (ratio of medians)")
+    if "moe compiled" in res:
+        print(
+            f"compiled/eager: moe {res['moe compiled']['median_s'] / moe_t:.3f}, dense "
+            f"{res['dense compiled']['median_s'] / dense_t:.3f} (ratio of medians)"
+        )
     if "experts only" in res:
         floor = res["experts only"]["median_s"]
         print(f"moe / its expert matmuls alone = {moe_t / floor:.3f}")

@@ -12,7 +12,7 @@ from site_fixtures import REPO
 import catalog
 import impls
 from scripts.sitegen.context import SiteContext
-from scripts.sitegen.pages_routers import routers_index
+from scripts.sitegen.pages_routers import interop_page, routers_index
 from scripts.sitegen.routers import MeasureSetup, discover, measure_router, usage_snippets
 
 FAMILIES = discover(measure=False)
@@ -82,3 +82,17 @@ def test_measurement_batch_is_seeded_and_skewed():
 def test_a_failing_router_is_reported_not_raised():
     m = measure_router("no-such-router", "router", MeasureSetup(tokens=16, repeats=1))
     assert m.error is not None and "no-such-router" in m.error
+
+
+def test_interop_page_lists_every_block_and_every_declared_compile_break():
+    pytest.importorskip("transformers", reason="transformers is not installed (the hf extra)")
+    import impls.hf
+
+    ctx = SiteContext.build(catalog.load(), FAMILIES, set())
+    page = interop_page(ctx)
+    for cls_name in impls.hf.SUPPORTED_BLOCKS:
+        assert f"| `{cls_name}` |" in page
+    assert "| `thor` | eval |" in page and "| `sinkhorn_ot` | training |" in page
+    assert "| `topk` |" not in page  # the top-k family captures one graph
+    (code,) = usage_snippets(page)
+    exec(compile(code, "<interop page snippet>", "exec"), {"__name__": "__snippet__"})

@@ -30,6 +30,7 @@ from scripts.sitegen.context import (
     JSON_EXPORT,
     PARTIALS,
     ROUTERS_INDEX,
+    ROUTERS_INTEROP,
     TRACKING,
     WHATS_NEW,
     SiteContext,
@@ -47,7 +48,7 @@ from scripts.sitegen.pages_catalog import (
     taxonomy_nav,
 )
 from scripts.sitegen.pages_people import atom_feed, authors_page, read_tracking, tracking_page, whats_new_page
-from scripts.sitegen.pages_routers import family_page, routers_index, routers_nav
+from scripts.sitegen.pages_routers import family_page, interop_page, routers_index, routers_nav
 from scripts.sitegen.pages_works import work_page
 from scripts.sitegen.routers import MeasureSetup, RouterFamily
 
@@ -144,6 +145,7 @@ def generate(
         json.dumps(export_catalog(cat, generated_at=stamp), ensure_ascii=False, separators=(",", ":")),
     )
     write(ROUTERS_INDEX, routers_index(ctx))
+    write(ROUTERS_INTEROP, interop_page(ctx))
     write(ARENA, arena_page(ctx, ctx.arena))
     for fam in ctx.families:
         write(family_doc(fam.name), family_page(ctx, fam, setup))
@@ -160,7 +162,13 @@ def generate(
         {"Home": HOME},
         {"Taxonomy": root_entry if isinstance(root_entry, list) else [root_entry]},
         {"Catalog": [CATALOG, {"Authors": AUTHORS}, {"What's new": WHATS_NEW}]},
-        {"Routers": [ROUTERS_INDEX, *routers_nav(ctx)]},
+        {
+            "Routers": [
+                ROUTERS_INDEX,
+                {"In transformers and torch.compile": ROUTERS_INTEROP},
+                *routers_nav(ctx),
+            ]
+        },
         {"Arena": ARENA},
         {"Errata": ERRATA},
     ]

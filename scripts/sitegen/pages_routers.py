@@ -7,7 +7,14 @@ import math
 import re
 from pathlib import Path
 
-from scripts.sitegen.context import ROUTERS_INDEX, SiteContext, family_doc, node_doc, work_doc
+from scripts.sitegen.context import (
+    ROUTERS_INDEX,
+    ROUTERS_INTEROP,
+    SiteContext,
+    family_doc,
+    node_doc,
+    work_doc,
+)
 from scripts.sitegen.pages_arena import family_arena
 from scripts.sitegen.pages_works import work_link
 from scripts.sitegen.routers import Measurement, MeasureSetup, RouterFamily
@@ -247,4 +254,98 @@ def family_page(ctx: SiteContext, fam: RouterFamily, setup: MeasureSetup) -> str
     out += ["## API", ""]
     for member in fam.api_members:
         out += [f"::: {member}", ""]
+    return "\n".join(out)
+
+
+def _compile_breaks() -> list[tuple[str, str, str]]:
+    """``(router, mode, reason)`` for every registered router class that declares a compile break
+    with its default options (read from the routers themselves)."""
+    import impls
+    from impls.router import Router
+
+    rows = []
+    for name, cls in sorted(impls.ROUTERS.items()):
+        if type.__getattribute__(cls, "compile_break") is Router.compile_break:
+            continue
+        try:
+            r = cls(8, 8)
+        except (TypeError, ValueError):
+            continue
+        for mode in ("training", "eval"):
+            r.train(mode == "training")
+            reason = r.compile_break
+            if reason:
+                rows.append((name, mode, reason))
+    return rows
+
+
+def interop_page(ctx: SiteContext) -> str:
+    """Using the routers inside transformers models, and under ``torch.compile`` (from ``impls.hf``)."""
+    import inspect
+
+    import impls.hf as hf
+
+    doc = ROUTERS_INTEROP
+    preset_of = {s.family: s for s in hf._SPECS}
+    out = [
+        "# In transformers models and under torch.compile",
+        "",
+        "`impls.hf` (install the extra: `pip install 'moe-atlas[hf]'`, transformers "
+        f"`{hf.SUPPORTED_TRANSFORMERS}`) turns a Hugging Face transformers MoE block into an "
+        "`impls.MoELayer` with one call, writes a layer back into a block, and replaces the routing "
+        "of every MoE block of a model with any router of this catalog.",
+        "",
+        fence(
+            "import torch\nimport transformers\n\nimport impls.hf\n\n"
+            "config = transformers.MixtralConfig(\n"
+            "    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,\n"
+            "    num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,\n"
+            ")\n"
+            "model = transformers.MixtralForCausalLM(config)  # random weights: nothing is downloaded\n\n"
+            "block = model.model.layers[0].mlp\n"
+            "layer = impls.hf.from_hf(block)  # MoELayer with the block's weights\n"
+            "impls.hf.to_hf(layer, block)     # and back\n\n"
+            'swapped = impls.hf.swap_routers(model, "sinkhorn_ot")  # every MoE block of the model\n'
+            "optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)\n"
+            "ids = torch.randint(0, 64, (2, 16))\n"
+            "out = model(input_ids=ids, labels=ids)\n"
+            "loss = out.loss + swapped.aux_loss()  # the routers' weighted losses\n"
+            "loss.backward(); optimizer.step(); optimizer.zero_grad()\n"
+            "swapped.step()                        # between-step router state",
+            "python",
+        ),
+        "",
+        "## Supported blocks",
+        "",
+        "| transformers block | family | preset `from_hf` builds on | swap format |",
+        "|---|---|---|---|",
+    ]
+    for cls_name, family in sorted(hf.SUPPORTED_BLOCKS.items()):
+        spec = preset_of[family]
+        out.append(f"| `{cls_name}` | {md(family)} | {md(spec.preset)} | `{hf._FORMATS[family]}` |")
+    out += [
+        "",
+        "In float32 the layer's output, routing and gradients equal the block's to 1e-5 (tested per "
+        "block and per experts implementation), and `to_hf(from_hf(block), other)` reproduces the "
+        "block's state dict exactly.",
+        "",
+        "## What differs, and how the swap works",
+        "",
+        demote_headings(inspect.getdoc(hf) or ""),
+        "",
+        "## torch.compile",
+        "",
+        "Every router and preset compiles with `torch.compile` on CPU, in float32 and bfloat16, and "
+        "gives the eager plan (tested for every registered name, in training and evaluation). A "
+        "router whose `compile_break` is `None` captures one graph (`fullgraph=True`: no graph break "
+        "and no host sync); the others name the step that needs the host and compile with a break "
+        "there. The layer compiles with `fullgraph=True` whenever its router does: the grouped "
+        "matmul goes through an opaque `moe_atlas::grouped_mm` op for dtypes the compiler has no "
+        "rules for (float32), and the bfloat16 path is lowered by the compiler.",
+        "",
+        "| router | mode | why it breaks the graph |",
+        "|---|---|---|",
+    ]
+    out += [f"| `{n}` | {m} | {md(r)} |" for n, m, r in _compile_breaks()]
+    out += ["", f"Back to the [router index]({rel(doc, ROUTERS_INDEX)}).", ""]
     return "\n".join(out)

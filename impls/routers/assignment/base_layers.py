@@ -137,6 +137,15 @@ class BalancedAssignmentRouter(Router):
             return False  # the assignment couples all tokens of the batch
         return super().is_causal
 
+    @property
+    def compile_break(self) -> str | None:
+        if not (self.training or self.config.eval_routing == "balanced"):
+            return None
+        return (
+            "the exact balanced assignment (auction with epsilon scaling) runs until every token is "
+            "assigned, a stopping test read on the host"
+        )
+
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
         super().__init__(d_model, num_experts, config, **options)
         if self.config.orthogonal_init:

@@ -150,6 +150,15 @@ class BIPRouter(Router):
             return 1.0
         return "at_most_one" if cfg.score_fn == "softmax" else None
 
+    @property
+    def compile_break(self) -> str | None:
+        if not self.training:
+            return None
+        return (
+            "the dual update's capacity ceil(k n / E) takes the top-(capacity + 1) over the n valid "
+            "tokens, a count read on the host whenever a token mask is given (compiled, always)"
+        )
+
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
         super().__init__(d_model, num_experts, config, **options)
         self.register_buffer("q", torch.zeros(num_experts, dtype=torch.float32))

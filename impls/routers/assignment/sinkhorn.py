@@ -205,6 +205,16 @@ class _TransportRouter(Router):
     Config: ClassVar[type[RouterConfig]] = SinkhornConfig
     config: SinkhornConfig
 
+    @property
+    def compile_break(self) -> str | None:
+        solves = self.training or getattr(self.config, "eval_routing", "topk") == "sinkhorn"
+        if solves and self.config.sinkhorn_tol is not None:
+            return (
+                "the Sinkhorn solver reads its marginal error on the host every check_every "
+                "iterations to stop at sinkhorn_tol (sinkhorn_tol=None: a fixed iteration count, no sync)"
+            )
+        return None
+
     def solve(self, logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None) -> SinkhornResult:
         cfg = self.config
         if cfg.cost == "logits":
@@ -442,6 +452,22 @@ class SelectiveSinkhornRouter(_TransportRouter):
         p = self.config.sinkhorn_prob
         return random.Random(self.config.seed * 1_000_003 + step).random() < p
 
+    @torch.compiler.disable
+    def _advance_step(self) -> bool:
+        """This training call's choice, then one step on (host-side Python state, kept out of graphs)."""
+        use = self.uses_sinkhorn(self.step)
+        self.step += 1
+        return use
+
+    @property
+    def compile_break(self) -> str | None:
+        if not self.training:
+            return None
+        return (
+            "the per-step choice between Sinkhorn and softmax top-k (a step counter and a seeded "
+            "random.Random) is made on the host, outside the graph"
+        )
+
     def set_step(self, step: int) -> None:
         """Set the counter of training forward calls (e.g. to the optimizer step)."""
         if step < 0:
@@ -456,11 +482,8 @@ class SelectiveSinkhornRouter(_TransportRouter):
 
     def route(self, logits_TE, x_TD, token_mask_T):
         res = None
-        if self.training:
-            use = self.uses_sinkhorn(self.step)
-            self.step += 1
-            if use:
-                res = self.solve(logits_TE, token_mask_T)
+        if self.training and self._advance_step():
+            res = self.solve(logits_TE, token_mask_T)
         info = self.sinkhorn_info(res)
         if res is None:
             probs = logits_TE.softmax(-1)

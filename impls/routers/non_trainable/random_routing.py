@@ -145,6 +145,12 @@ class ThorRouter(GatelessRouter):
     def __init__(self, d_model: int, num_experts: int, config: RouterConfig | None = None, **options: Any):
         super().__init__(d_model, num_experts, config, **options)
 
+    @property
+    def compile_break(self) -> str | None:
+        if self.training:
+            return None
+        return "the evaluation draw uses a seeded CPU torch.Generator, which the compiler does not trace"
+
     def route(self, logits_TE, x_TD, token_mask_T) -> RoutingPlan:
         T, E, dev = logits_TE.shape[0], self.num_experts, logits_TE.device
         if self.training:  # the global generator: a fresh draw every pass (no host sync)

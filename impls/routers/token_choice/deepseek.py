@@ -124,7 +124,7 @@ from impls.functional import (
 )
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig, all_reduce_sum
+from impls.router import Router, RouterConfig, all_reduce_sum, recomputing_in_backward
 
 __all__ = ["DeepSeekConfig", "DeepSeekRouter", "group_limited_mask"]
 
@@ -260,7 +260,7 @@ class DeepSeekRouter(Router):
         # when the first forward could not (reentrant checkpointing runs it under no_grad)
         if not (self.config.aux_free_bias and self.training and torch.is_grad_enabled()):
             return False
-        in_backward = torch._C._current_graph_task_id() != -1
+        in_backward = recomputing_in_backward()
         return not in_backward or self.count_during_recompute
 
     def affinities(self, logits_TE: torch.Tensor) -> torch.Tensor:

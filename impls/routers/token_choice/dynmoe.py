@@ -71,7 +71,7 @@ from torch import nn
 from impls.functional import masked_mean
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig, all_reduce_sum
+from impls.router import Router, RouterConfig, all_reduce_sum, recomputing_in_backward
 
 __all__ = ["TopAnyConfig", "TopAnyRouter", "straight_through_sign"]
 
@@ -195,7 +195,7 @@ class TopAnyRouter(Router):
         active_TE = g_TE.detach() > 0
         T = logits_TE.shape[0]
         ids_TK = torch.where(active_TE, torch.arange(E, device=logits_TE.device).expand(T, E), -1)
-        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        if self.training and torch.is_grad_enabled() and not recomputing_in_backward():
             self._record(active_TE, routed_T, x_TD, token_mask_T)
         # the gate-vector losses count once per batch with at least one valid token (an empty batch
         # has zero losses, like every router's)

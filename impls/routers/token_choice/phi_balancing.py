@@ -64,7 +64,7 @@ import torch
 from impls.functional import masked_mean
 from impls.plan import RoutingPlan
 from impls.registry import register_router
-from impls.router import RouterConfig
+from impls.router import RouterConfig, recomputing_in_backward
 from impls.routers.token_choice.topk import TopKConfig, TopKRouter
 
 __all__ = ["PhiBalancingConfig", "PhiBalancingRouter", "phi_prices"]
@@ -125,7 +125,7 @@ class PhiBalancingRouter(TopKRouter):
         )
         present = (n_valid > 0).to(p_E.dtype)  # no host sync: an empty batch leaves m and the loss at 0
         m_E = self.ema_probs
-        if self.training and torch._C._current_graph_task_id() == -1:
+        if self.training and not recomputing_in_backward():
             with torch.no_grad():
                 step = cfg.eta * present
                 m_E = (1 - step) * self.ema_probs + step * p_E.detach()

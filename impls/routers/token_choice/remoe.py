@@ -79,7 +79,7 @@ from torch import nn
 from impls.functional import masked_mean
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig, all_reduce_sum
+from impls.router import Router, RouterConfig, all_reduce_sum, recomputing_in_backward
 
 __all__ = ["ReMoEConfig", "ReMoERouter"]
 
@@ -166,7 +166,7 @@ class ReMoERouter(Router):
         else:
             per_token_T = gates_TE.sum(-1)
         l1 = masked_mean(per_token_T, token_mask_T)
-        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        if self.training and torch.is_grad_enabled() and not recomputing_in_backward():
             with torch.no_grad():
                 n_valid = T if token_mask_T is None else token_mask_T.sum()
                 self.active_pairs += active_TE.sum()

@@ -80,7 +80,7 @@ from torch import nn
 from impls.functional import masked_mean
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig, all_reduce_sum
+from impls.router import Router, RouterConfig, all_reduce_sum, recomputing_in_backward
 
 __all__ = ["RoutingFreeConfig", "RoutingFreeMoE", "RoutingFreeRouter", "routing_free_balance"]
 
@@ -197,7 +197,7 @@ class RoutingFreeRouter(Router):
         ids_TK = torch.where(active_TE, torch.arange(E, device=logits_TE.device).expand(T, E), -1)
         w_TK = torch.where(active_TE, score_TE, torch.zeros_like(score_TE))
         balance = routing_free_balance(active_TE, score_TE, cfg.mu, token_mask_T)
-        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        if self.training and torch.is_grad_enabled() and not recomputing_in_backward():
             with torch.no_grad():
                 n_valid = T if token_mask_T is None else token_mask_T.sum()
                 self.active_pairs += active_TE.sum()

@@ -123,7 +123,7 @@ from impls.balance import GlobalLoadBalance
 from impls.functional import expert_counts, load_balance_loss, load_balance_loss_from_counts, topk, z_loss
 from impls.plan import RoutingPlan
 from impls.registry import Preset, register_preset, register_router
-from impls.router import Router, RouterConfig
+from impls.router import Router, RouterConfig, recomputing_in_backward
 
 __all__ = ["TopKConfig", "TopKRouter", "sparsemixer_topk", "standardize_logits", "topk_softmax"]
 
@@ -285,7 +285,7 @@ class TopKRouter(Router):
 
     def _global_balance(self, plan: RoutingPlan) -> torch.Tensor:
         """Global-batch balance loss: ``f`` from the step's pooled counts (training), ``P`` local."""
-        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        if self.training and torch.is_grad_enabled() and not recomputing_in_backward():
             self._global.process_group = self.balance_group
             return self._global.loss(plan)
         counts_E = expert_counts(plan.expert_ids_TK, self.num_experts, plan.token_mask_T)
