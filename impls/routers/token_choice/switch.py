@@ -168,7 +168,6 @@ SWITCH_BASE = register_preset(
         router="switch",
         options={"k": 1, "capacity_factor": 1.25, "eval_capacity_factor": 2.0, "jitter_eps": 1e-2},
         num_experts=128,
-        layer={"activation": "relu"},
         loss_coefficients={"load_balance": 1e-2},
         papers=("switch-transformer",),
         description=(
@@ -177,9 +176,7 @@ SWITCH_BASE = register_preset(
         ),
         deviations=(
             "Evaluation capacity factor 2.0 and jitter 1e-2 follow the T5X/Mesh-TF Switch configurations, "
-            "not a value printed in the paper. ReLU experts, as T5's feed-forward layers and the released "
-            "Hugging Face configs (dense_act_fn 'relu'). The capacity applies to the whole call; "
-            "capacity_groups='sequence' gives the per-sequence capacity of the released code."
+            "not a value printed in the paper."
         ),
     )
 )
