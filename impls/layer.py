@@ -309,7 +309,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 @functools.cache
 def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
-    return _grouped_mm_runs(device_type, dtype)
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    # the first call may come while a graph is being traced: probe on real tensors, eagerly
+    with unset_fake_temporarily(), torch.enable_grad():
+        return _grouped_mm_runs(device_type, dtype)
 
 
 @torch.compiler.assume_constant_result
