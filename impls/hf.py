@@ -62,7 +62,7 @@ from impls.router import Router, step_routers
 log = logging.getLogger(__name__)
 
 #: the ``transformers`` versions the test suite runs against (the ``hf`` extra's range)
-SUPPORTED_TRANSFORMERS = ">=5.4,<6"
+SUPPORTED_TRANSFORMERS = ">=5.21,<6"
 
 __all__ = [
     "SUPPORTED_BLOCKS",
@@ -619,6 +619,22 @@ SUPPORTED_BLOCKS: Mapping[str, str] = types.MappingProxyType(
 )
 
 
+def _check_version() -> None:
+    """Refuse transformers releases older than the tested range, by name (their blocks differ)."""
+    import transformers
+
+    parts = transformers.__version__.split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return
+    if (major, minor) < (5, 21):
+        raise RuntimeError(
+            f"impls.hf supports transformers {SUPPORTED_TRANSFORMERS}; {transformers.__version__} is "
+            "installed (its MoE blocks are laid out differently): pip install 'moe-atlas[hf]'"
+        )
+
+
 def _spec_of(block: nn.Module) -> _Spec:
     for cls in type(block).__mro__:
         for s in _SPECS:
@@ -644,6 +660,7 @@ def from_hf(block: nn.Module) -> MoELayer:
     output (for gpt-oss, the first element of its tuple). See the module docstring for the
     documented differences.
     """
+    _check_version()
     spec = _spec_of(block)
     layer = spec.build(block)
     log.debug("from_hf: %s -> %s", type(block).__name__, layer)
@@ -943,6 +960,7 @@ def swap_routers(
             "swap_routers: the model uses hub kernels (use_kernels=True), which replace whole MoE "
             "forwards, router included; load it with use_kernels=False"
         )
+    _check_version()
     blocks = find_moe_blocks(model)
     if not blocks:
         known = ", ".join(sorted(SUPPORTED_BLOCKS))
