@@ -76,3 +76,30 @@ def test_layer_benchmark_reports_ratios_and_the_gemm_floors():
     for name in ("moe", "dense"):
         profile = out.split(f"## Profile: {name} step", 1)[1]
         assert "Self CPU" in profile and "aten::" in profile
+
+
+def test_layer_benchmark_against_transformers_and_compiled():
+    pytest.importorskip("transformers", reason="transformers is not installed (the hf extra)")
+    out = run(
+        "bench_moe.py",
+        *("--tokens", "128", "--d-model", "32", "--d-hidden", "64", "--experts", "4", "--k", "2"),
+        *("--activation", "swiglu", "--repeats", "1", "--warmup", "1", "--routers", ""),
+        *("--vs-hf", "--compile", "--no-loop"),
+    )
+    for method in (
+        "transformers eager",
+        "transformers grouped_mm",
+        "transformers batched_mm",
+        "moe-atlas layer",
+        "moe-atlas layer compiled",
+        "moe-atlas grouped-GEMM floor",
+        "moe compiled",
+        "dense compiled",
+    ):
+        assert re.search(rf"^\| {re.escape(method)} \| [0-9.]+ \|", out, re.M), method
+    assert "max output difference 0" in out or re.search(r"max output difference [0-9.e-]+\)", out)
+    assert re.search(
+        r"^fastest transformers path: transformers \w+; its time / the layer's = [0-9.]+", out, re.M
+    )
+    assert re.search(r"^layer / its grouped-GEMM floor = [0-9.]+", out, re.M)
+    assert re.search(r"^compiled/eager: moe [0-9.]+, dense [0-9.]+", out, re.M)
