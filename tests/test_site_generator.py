@@ -187,6 +187,7 @@ def test_navigation_mirrors_the_taxonomy_and_lists_router_families(site, cat):
     assert [next(iter(e)) for e in taxonomy[1:]] == ["Algorithm", "System", "Application"]
     assert nav[3]["Routers"] == [
         "generated/routers/index.md",
+        {"In transformers and torch.compile": "generated/routers/interop.md"},
         {"Sparse: Token-Choice": [{"fake": "generated/routers/fake.md"}]},
     ]
 
@@ -284,7 +285,10 @@ def test_router_section_is_empty_but_present_without_routers(tmp_path, cat):
     docs = tmp_path / "docs"
     result = generate(cat, docs, families=[], now=NOW)
     assert "No routers are registered yet." in read(docs, "generated/routers/index.md")
-    assert result.nav[3]["Routers"] == ["generated/routers/index.md"]
+    assert result.nav[3]["Routers"] == [
+        "generated/routers/index.md",
+        {"In transformers and torch.compile": "generated/routers/interop.md"},
+    ]
     assert "0 routers" in read(docs, "generated/_partials/home-counts.md")
     page = read(docs, "generated/works/switch-transformer.md")
     assert (
