@@ -541,10 +541,19 @@ class GroupedExperts(nn.Module):
         result differs from a half-precision matmul with float32 accumulation only by summation
         order. Gradients reach the weights in their own dtype.
         """
+        return self.forward_weights(x_ND, d, (self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED), impl)
+
+    def forward_weights(
+        self, x_ND: torch.Tensor, d: Dispatch, weights: Sequence[torch.Tensor | None], impl: ExpertImpl = "auto"
+    ) -> torch.Tensor:
+        """``forward`` with given expert weights ``(w_in, w_out, b_in, b_out)`` stacked over
+        ``len(d.counts_E)`` groups (expert parallelism computes a rank's experts together with
+        the ones sent to it for the step)."""
         work = compute_dtype(x_ND)
         if work != x_ND.dtype:
-            return self._forward(x_ND.to(work), d, impl, work).to(x_ND.dtype)
-        return self._forward(x_ND, d, impl, None)
+            ws = tuple(None if w is None else w.to(work) for w in weights)
+            return self._forward(x_ND.to(work), d, impl, ws).to(x_ND.dtype)
+        return self._forward(x_ND, d, impl, tuple(weights))
 
     def _weights(self, work: torch.dtype | None):
         ws = (self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED)
@@ -552,8 +561,8 @@ class GroupedExperts(nn.Module):
             return ws
         return tuple(None if w is None else w.to(work) for w in ws)
 
-    def _forward(self, x_ND: torch.Tensor, d: Dispatch, impl: ExpertImpl, work) -> torch.Tensor:
-        w_in, w_out, b_in, b_out = self._weights(work)
+    def _forward(self, x_ND: torch.Tensor, d: Dispatch, impl: ExpertImpl, weights) -> torch.Tensor:
+        w_in, w_out, b_in, b_out = weights
         how = self.resolve_impl(impl, x_ND)
         if how == "grouped_mm":
             ends_E = torch.cumsum(d.counts_E, 0)
@@ -562,7 +571,7 @@ class GroupedExperts(nn.Module):
             expert_N = None
             if b_in is not None and b_out is not None:
                 row = torch.arange(x_ND.shape[0], device=x_ND.device)
-                expert_N = torch.searchsorted(ends_E, row, right=True).clamp_max(self.num_experts - 1)
+                expert_N = torch.searchsorted(ends_E, row, right=True).clamp_max(d.counts_E.shape[0] - 1)
                 h = _RowBias.apply(h, b_in, expert_N, d.counts_E)
             y = _ContiguousGrad.apply(grouped_mm(self._act(h), w_out, offs))
             if expert_N is not None:
@@ -576,7 +585,7 @@ class GroupedExperts(nn.Module):
         ``C`` is the plan's capacity when it has one (static); in dropless mode it is the largest
         group, read with one device-to-host sync.
         """
-        E, N = self.num_experts, x_ND.shape[0]
+        E, N = d.counts_E.shape[0], x_ND.shape[0]
         C = d.capacity if d.capacity is not None else int(d.counts_E.max().item())
         C = max(C, 1)
         starts_E = torch.cumsum(d.counts_E, 0) - d.counts_E

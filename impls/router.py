@@ -536,7 +536,10 @@ def step_routers(model: nn.Module, process_group=None) -> None:
     """Call ``Router.on_optimizer_step()`` on every router inside ``model`` (after ``optimizer.step()``)."""
     for module in model.modules():
         if isinstance(module, Router):
-            module.on_optimizer_step(process_group)
+            # a router that routes the global batch (ExpertParallel's global routing) already saw
+            # every rank's tokens: summing its statistics over the ranks again would count them twice
+            global_stats = getattr(module, "_ep_global_stats", False)
+            module.on_optimizer_step(None if global_stats else process_group)
 
 
 class SequenceRouter(Router):
