@@ -541,10 +541,16 @@ class GroupedExperts(nn.Module):
         result differs from a half-precision matmul with float32 accumulation only by summation
         order. Gradients reach the weights in their own dtype.
         """
-        return self.forward_weights(x_ND, d, (self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED), impl)
+        return self.forward_weights(
+            x_ND, d, (self.w_in_EDF, self.w_out_EFD, self.b_in_EF, self.b_out_ED), impl
+        )
 
     def forward_weights(
-        self, x_ND: torch.Tensor, d: Dispatch, weights: Sequence[torch.Tensor | None], impl: ExpertImpl = "auto"
+        self,
+        x_ND: torch.Tensor,
+        d: Dispatch,
+        weights: Sequence[torch.Tensor | None],
+        impl: ExpertImpl = "auto",
     ) -> torch.Tensor:
         """``forward`` with given expert weights ``(w_in, w_out, b_in, b_out)`` stacked over
         ``len(d.counts_E)`` groups (expert parallelism computes a rank's experts together with

@@ -43,8 +43,13 @@ def equality(rank: int, world: int, spec: dict) -> dict:
     E = spec.get("num_experts", 8)
     layer = MoELayer(D, F, E, spec["router"], **spec.get("options", {}))
     layer.train(spec.get("train", True))
+    if spec.get("hot_expert") is not None:  # skew the routing towards one expert
+        with torch.no_grad():  # needs router_bias=True
+            layer.router.gate.bias[spec["hot_expert"]] += spec.get("hot_strength", 1.0)
     ref = copy.deepcopy(layer)
     gr = spec.get("grad_reduction", "mean")
+    if spec.get("policy") == "relibra" and spec.get("plan_placement"):
+        spec = {**spec, "policy": _planned_relibra(spec, E, world), "policy_options": {}}
     ep = ExpertParallel(
         layer,
         routing=spec.get("routing", "global"),
@@ -236,3 +241,43 @@ def ddp_training(rank: int, world: int, spec: dict) -> dict:
         want = ref_p[name][sl] if name.startswith("moe.experts.") else ref_p[name]
         errs[name] = _err(p, want)
     return {"errors": errs, "losses": losses}
+
+
+def _planned_relibra(spec: dict, E: int, world: int):
+    from impls.parallel import ReLibra
+
+    pol = ReLibra(**spec.get("policy_options", {}))
+    pol.plan_placement(torch.tensor(spec["plan_placement"]), world)
+    return pol
+
+
+def equality_many(rank: int, world: int, specs: dict) -> dict:
+    """``equality`` for every named spec, in one process group."""
+    out = {}
+    for name, spec in specs.items():
+        out[name] = equality(rank, world, spec)
+    return out
+
+
+def refusals(rank: int, world: int) -> dict:
+    """The messages of the errors ExpertParallel raises for bad set-ups, on every rank."""
+    msgs = {}
+    for name, build in {
+        "indivisible": lambda: ExpertParallel(MoELayer(D, F, 3, "topk")),
+        "soft_moe": lambda: ExpertParallel(MoELayer(D, F, 4, "soft_moe")),
+        "routing": lambda: ExpertParallel(MoELayer(D, F, 4, "topk"), routing="central"),
+    }.items():
+        try:
+            build()
+        except (ValueError, TypeError) as exc:
+            msgs[name] = str(exc)
+    ep = ExpertParallel(MoELayer(D, F, 4, "topk"))
+    try:
+        ep(torch.randn(2, 3 + rank, D))  # different sequence lengths on the ranks
+    except ValueError as exc:
+        msgs["seq"] = str(exc)
+    try:
+        ep(torch.randn(4, D), token_modality=torch.ones(3, dtype=torch.bool))
+    except ValueError as exc:
+        msgs["modality"] = str(exc)
+    return msgs

@@ -17,6 +17,7 @@ import torch
 import catalog
 import impls
 from catalog.core import import_error
+from impls.parallel import POLICIES, DispatchPolicy
 
 D = 16
 DEFAULT_E = 8
@@ -367,14 +368,26 @@ def test_every_catalog_implementation_imports_and_names_its_work(works) -> None:
                 problems.append(f"{slug}: {err}")
                 continue
             obj = _resolve(path)
-            if (isinstance(obj, type) and issubclass(obj, impls.Router)) or isinstance(obj, impls.Preset):
+            if (isinstance(obj, type) and issubclass(obj, (impls.Router, DispatchPolicy))) or isinstance(
+                obj, impls.Preset
+            ):
                 papers = obj.papers
             else:
-                problems.append(f"{slug}: {path} is neither a Router class nor a Preset")
+                problems.append(f"{slug}: {path} is neither a Router class, a Preset nor a dispatch policy")
                 continue
             if slug not in papers:
                 problems.append(f"{slug}: {path} does not list {slug!r} in papers {papers}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_dispatch_policy_papers_are_catalog_works_that_link_back(name: str, works) -> None:
+    cls = POLICIES[name]
+    for slug in cls.papers:
+        assert slug in works, f"{cls.__qualname__}.papers names unknown work {slug!r}"
+        assert any(_resolve(p) is cls for p in works[slug].implementations), (
+            f"work {slug!r} does not list {cls.__qualname__} in its implementations"
+        )
 
 
 def test_registry_names_are_unique_and_presets_build() -> None:

@@ -188,6 +188,7 @@ def test_navigation_mirrors_the_taxonomy_and_lists_router_families(site, cat):
     assert nav[3]["Routers"] == [
         "generated/routers/index.md",
         {"In transformers and torch.compile": "generated/routers/interop.md"},
+        {"Expert parallelism": "generated/routers/expert-parallelism.md"},
         {"Sparse: Token-Choice": [{"fake": "generated/routers/fake.md"}]},
     ]
 
@@ -288,6 +289,7 @@ def test_router_section_is_empty_but_present_without_routers(tmp_path, cat):
     assert result.nav[3]["Routers"] == [
         "generated/routers/index.md",
         {"In transformers and torch.compile": "generated/routers/interop.md"},
+        {"Expert parallelism": "generated/routers/expert-parallelism.md"},
     ]
     assert "0 routers" in read(docs, "generated/_partials/home-counts.md")
     page = read(docs, "generated/works/switch-transformer.md")

@@ -12,6 +12,7 @@ from site_fixtures import REPO
 import catalog
 import impls
 from scripts.sitegen.context import SiteContext
+from scripts.sitegen.pages_parallel import parallel_page
 from scripts.sitegen.pages_routers import interop_page, routers_index
 from scripts.sitegen.routers import MeasureSetup, discover, measure_router, usage_snippets
 
@@ -96,3 +97,43 @@ def test_interop_page_lists_every_block_and_every_declared_compile_break():
     assert "| `topk` |" not in page  # the top-k family captures one graph
     (code,) = usage_snippets(page)
     exec(compile(code, "<interop page snippet>", "exec"), {"__name__": "__snippet__"})
+
+
+def test_expert_parallelism_page_documents_every_policy_and_its_snippets_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from impls.parallel import POLICIES
+    from scripts.sitegen.pages_works import work_page  # noqa: F401  (the work pages link here)
+    from tests.dist_helpers import free_port
+
+    cat = catalog.load()
+    ctx = SiteContext.build(cat, FAMILIES, set())
+    page = parallel_page(ctx)
+    for name, cls in POLICIES.items():
+        assert f"{{#policy-{name}}}" in page and f"`{cls.__name__}`" in page
+        for slug in cls.papers:
+            assert f"../works/{slug}.md" in page, slug
+    assert "## Measured" in page
+    train, checkpoint, sim = usage_snippets(page)
+    exec(compile(sim, "<expert parallelism page: simulator>", "exec"), {"__name__": "__snippet__"})
+    # the training and checkpoint snippets, as one script under torchrun with 2 processes
+    script = tmp_path / "train.py"
+    script.write_text(train + "\n" + checkpoint + "\ndist.destroy_process_group()\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr"]
+    cmd += ["127.0.0.1", "--master-port", str(free_port()), str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ckpt" / ".metadata").exists()
+
+
+def test_system_balancing_works_link_to_their_policies():
+    from scripts.sitegen.pages_works import work_page
+
+    cat = catalog.load()
+    ctx = SiteContext.build(cat, FAMILIES, set())
+    for slug, name in {"llep": "llep", "finemoe": "finemoe", "realb": "realb", "relibra": "relibra"}.items():
+        page = work_page(ctx, cat.work(slug))
+        assert f"../routers/expert-parallelism.md#policy-{name}" in page, slug

@@ -493,7 +493,9 @@ class ExpertParallel(nn.Module):
             w_in = fake_nvfp4(w_in.transpose(1, 2)).transpose(1, 2)
             w_out = fake_nvfp4(w_out.transpose(1, 2)).transpose(1, 2)
         if xs.shape[0] == 0:
-            return xs.new_zeros(0, self.d_model) + 0 * w_out.sum()
+            # nothing to compute here; still connected to the received rows and the weights, so
+            # that this rank joins the backward exchanges of both
+            return xs.new_zeros(0, self.d_model) + 0 * (w_out.sum() + xs.sum())
         N = xs.shape[0]
         d = Dispatch(
             token_N=torch.zeros(N + 1, dtype=torch.long, device=xs.device),

@@ -22,6 +22,7 @@ CATALOG = f"{GEN}/catalog.md"
 ERRATA = f"{GEN}/errata.md"
 ROUTERS_INDEX = f"{GEN}/routers/index.md"
 ROUTERS_INTEROP = f"{GEN}/routers/interop.md"
+ROUTERS_PARALLEL = f"{GEN}/routers/expert-parallelism.md"
 BIB = f"{GEN}/downloads/moe-atlas.bib"
 JSON_EXPORT = f"{GEN}/downloads/moe-atlas.json"
 PARTIALS = f"{GEN}/_partials"
@@ -75,6 +76,8 @@ class SiteContext:
     """Node id -> id of its top-level branch (a child of the root); the root maps to itself."""
     impl_family: dict[str, str] = field(default_factory=dict)
     """Dotted import path of a router class or preset -> router family name."""
+    impl_policy: dict[str, str] = field(default_factory=dict)
+    """Dotted import path of an expert-parallel dispatch policy (``impls.parallel.X``) -> its name."""
     subtree_count: dict[str, int] = field(default_factory=dict)
     """Node id -> number of distinct works placed on it or below it."""
     crumbs_cache: dict[tuple[str, str, bool], str] = field(default_factory=dict)
@@ -103,6 +106,10 @@ class SiteContext:
             for p in fam.presets:
                 for path in p.paths:
                     ctx.impl_family[path] = fam.name
+        from impls.parallel import POLICIES
+
+        for name, cls in POLICIES.items():
+            ctx.impl_policy[f"impls.parallel.{cls.__name__}"] = name
         below: dict[str, set[str]] = defaultdict(set)
         for w in cat.works:
             for nid in w.placements:

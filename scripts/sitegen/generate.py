@@ -31,6 +31,7 @@ from scripts.sitegen.context import (
     PARTIALS,
     ROUTERS_INDEX,
     ROUTERS_INTEROP,
+    ROUTERS_PARALLEL,
     TRACKING,
     WHATS_NEW,
     SiteContext,
@@ -47,6 +48,7 @@ from scripts.sitegen.pages_catalog import (
     node_page,
     taxonomy_nav,
 )
+from scripts.sitegen.pages_parallel import parallel_page
 from scripts.sitegen.pages_people import atom_feed, authors_page, read_tracking, tracking_page, whats_new_page
 from scripts.sitegen.pages_routers import family_page, interop_page, routers_index, routers_nav
 from scripts.sitegen.pages_works import work_page
@@ -146,6 +148,7 @@ def generate(
     )
     write(ROUTERS_INDEX, routers_index(ctx))
     write(ROUTERS_INTEROP, interop_page(ctx))
+    write(ROUTERS_PARALLEL, parallel_page(ctx))
     write(ARENA, arena_page(ctx, ctx.arena))
     for fam in ctx.families:
         write(family_doc(fam.name), family_page(ctx, fam, setup))
@@ -166,6 +169,7 @@ def generate(
             "Routers": [
                 ROUTERS_INDEX,
                 {"In transformers and torch.compile": ROUTERS_INTEROP},
+                {"Expert parallelism": ROUTERS_PARALLEL},
                 *routers_nav(ctx),
             ]
         },

@@ -9,6 +9,7 @@ from scripts.sitegen.bibtex import bibtex_entry
 from scripts.sitegen.context import (
     AUTHORS,
     ERRATA,
+    ROUTERS_PARALLEL,
     SiteContext,
     author_anchor,
     family_doc,
@@ -16,7 +17,7 @@ from scripts.sitegen.context import (
     work_doc,
 )
 from scripts.sitegen.svg import sparkline
-from scripts.sitegen.text import excerpt, fence, h, href, md, rel
+from scripts.sitegen.text import code, excerpt, fence, h, href, md, rel
 
 ABSTRACT_CHARS = 300
 
@@ -206,7 +207,8 @@ def work_page(ctx: SiteContext, work: Work) -> str:
 
     out += ["## Reference implementation", ""]
     fams = ctx.families_of(work)
-    if fams:
+    policies = [p for p in work.implementations if p in ctx.impl_policy]
+    if fams or policies:
         for name in fams:
             fam = ctx.family(name)
             routers = ", ".join(f"`{r.name}`" for r in fam.routers)
@@ -215,7 +217,16 @@ def work_page(ctx: SiteContext, work: Work) -> str:
             if presets:
                 line += "; presets " + ", ".join(f"`{p}`" for p in presets)
             out.append(line)
-        unresolved = [p for p in work.implementations if p not in ctx.impl_family]
+        for p in policies:
+            name = ctx.impl_policy[p]
+            target = f"{rel(doc, ROUTERS_PARALLEL)}#policy-{name}"
+            out.append(
+                f"- [Expert parallelism]({target}) — dispatch policy {code(name)} ({code(p)}), "
+                "tested on several processes and in the simulator"
+            )
+        unresolved = [
+            p for p in work.implementations if p not in ctx.impl_family and p not in ctx.impl_policy
+        ]
         for p in unresolved:
             out.append(f"- `{p}` (no router page)")
         out.append("")
