@@ -13,6 +13,7 @@ Examples:
   python scripts/arena_run.py --only switch_base sinkhorn_ot --seeds 0 1 2
   python scripts/arena_run.py --list
   python scripts/arena_run.py --corpus tests/arena_sample --steps 4 --tiny --results /tmp/r
+  python scripts/arena_run.py --only aux_loss_free --results /tmp/r --dump-routing artifacts/routing
 """
 
 from __future__ import annotations
@@ -99,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--report", action="store_true", help="print a Markdown table of every stored result, then exit"
     )
+    p.add_argument(
+        "--dump-routing",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also save each trained model's routing of the validation text to DIR/<name>__seed<k>.pt "
+        "(for scripts/bench_ep.py --trace)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     names = entries()
@@ -143,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, seed in todo:
             runs.set_postfix_str(f"{name} seed {seed}")
             with tqdm(total=cfg.steps, desc=name, unit="step", leave=False) as steps:
-                doc = run(name, seed, corpus, cfg, progress=steps.update)
+                trace = None if args.dump_routing is None else args.dump_routing / f"{name}__seed{seed}.pt"
+                doc = run(name, seed, corpus, cfg, progress=steps.update, trace_path=trace)
             write_atomic(
                 result_path(args.results, name, seed), json.dumps(doc, indent=1, sort_keys=True) + "\n"
             )

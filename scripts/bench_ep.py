@@ -19,6 +19,13 @@ Two ways to run it:
     python scripts/bench_ep.py --world-sizes 2,4            # spawns the processes itself
     torchrun --nproc-per-node 4 scripts/bench_ep.py         # one world size, launched by torchrun
 
+A third, ``--trace``, starts no process: it feeds routing traces of trained arena models (real
+text; ``scripts/arena_run.py --dump-routing DIR``) to the single-process simulator
+(``impls.parallel.simulate``), every MoE layer cut into ``W`` equal rank shards, and reports each
+policy's per-rank load and bytes (default output ``scripts/results/ep_traces.json``):
+
+    python scripts/bench_ep.py --trace artifacts/routing/*.pt --world-sizes 2,4
+
 Results (rank 0) go to ``--out`` (default ``scripts/results/bench_ep.json``) with their provenance
 (commit, versions, machine, date). On one machine the ranks share its cores (``--threads`` each):
 the throughput figures measure the implementation's overheads, not a cluster's network.
@@ -35,6 +42,7 @@ import datetime
 import json
 import logging
 import os
+import pickle
 import platform
 import socket
 import statistics
@@ -49,6 +57,7 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "scripts" / "results" / "bench_ep.json"
+DEFAULT_TRACE_OUT = ROOT / "scripts" / "results" / "ep_traces.json"
 POLICY_NAMES = ("standard", "llep", "finemoe", "relibra", "realb")
 log = logging.getLogger("bench_ep")
 
@@ -69,10 +78,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per policy")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a spawned run is killed")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--trace",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="simulate these arena routing traces instead of timing processes",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON results (default {DEFAULT_OUT}; with --trace {DEFAULT_TRACE_OUT})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_TRACE_OUT if args.trace else DEFAULT_OUT
     args.policies = [s for s in args.policies.split(",") if s]
     bad = sorted(set(args.policies) - set(POLICY_NAMES))
     if bad:
@@ -278,9 +302,92 @@ def report(run: dict) -> None:
         )
 
 
+def simulate_traces(args) -> int:
+    """``--trace``: every layer of every trace, every world size and policy, in the simulator."""
+    from impls.parallel import counts_from_expert_ids, simulate
+
+    rows, sources = [], []
+    for path in args.trace:
+        try:
+            trace = torch.load(path, map_location="cpu", weights_only=False)
+            layers, E = trace["layers"], int(trace["num_experts"])
+        except (
+            OSError,
+            EOFError,
+            KeyError,
+            RuntimeError,
+            TypeError,
+            ValueError,
+            pickle.UnpicklingError,
+        ) as exc:
+            log.error("%s: not a routing trace of scripts/arena_run.py --dump-routing (%s)", path, exc)
+            return 1
+        gated = trace.get("activation") in ("swiglu", "geglu", "gpt_oss_swiglu")
+        numel = trace.get("d_model", 0) * trace.get("d_hidden", 0) * (3 if gated else 2)
+        sources.append(
+            {
+                "file": path.name,
+                "name": trace.get("name"),
+                "seed": trace.get("seed"),
+                "arena": trace.get("provenance"),
+            }
+        )
+        for world in args.world_sizes:
+            for li, layer in enumerate(layers):
+                ids, keep = layer["expert_ids"], layer["keep"]
+                if E % world or ids.shape[0] % world:
+                    log.warning(
+                        "%s layer %d: skipped for world size %d (E=%d, T=%d)",
+                        path.name,
+                        li,
+                        world,
+                        E,
+                        ids.shape[0],
+                    )
+                    continue
+                counts = counts_from_expert_ids(ids, E, world, keep)
+                for name in args.policies:
+                    pol = _policy(name, world)
+                    if name == "relibra":  # routing replay: the batch's loads are known ahead
+                        pol.plan_placement(counts.sum(0), world)
+                    s = simulate(counts, pol, d_model=trace.get("d_model", 0), expert_numel=numel)
+                    rows.append(
+                        {
+                            "trace": trace.get("name", path.stem),
+                            "layer": li,
+                            "world_size": world,
+                            "policy": name,
+                            "imbalance": s.imbalance,
+                            "compute_time_imbalance": float(s.compute_time_R.max() / s.compute_time_R.mean())
+                            if s.compute_time_R.mean()
+                            else 1.0,
+                            "max_load": s.max_load,
+                            "mean_load": s.mean_load,
+                            "step_bytes": s.step_bytes,
+                            "transfers": s.transfers,
+                        }
+                    )
+    doc = {"provenance": provenance(), "policies": args.policies, "traces": sources, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(f.name, args.out)
+    for world in args.world_sizes:
+        for name in args.policies:
+            sel = [r for r in rows if r["world_size"] == world and r["policy"] == name]
+            if sel:
+                mean = statistics.mean(r["imbalance"] for r in sel)
+                log.info("W=%d %-9s mean max/mean over %d layers: %.3f", world, name, len(sel), mean)
+    log.info("wrote %s", args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if args.trace:
+        return simulate_traces(args)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun
         torch.set_num_threads(args.threads)
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))

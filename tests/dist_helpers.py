@@ -27,11 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, args, out_dir, collective_timeout):
+def _entry(rank, fn, world_size, port, args, out_dir, collective_timeout, backend):
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
@@ -47,11 +49,13 @@ def _entry(rank, fn, world_size, port, args, out_dir, collective_timeout):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 180, collective_timeout: float = 60):
+def run_distributed(
+    fn, world_size: int, *args, timeout: float = 180, collective_timeout: float = 60, backend: str = "gloo"
+):
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.start_processes(
             _entry,
-            args=(fn, world_size, free_port(), args, out, collective_timeout),
+            args=(fn, world_size, free_port(), args, out, collective_timeout, backend),
             nprocs=world_size,
             join=False,
             start_method="spawn",

@@ -41,7 +41,8 @@ def equality(rank: int, world: int, spec: dict) -> dict:
     """One EP layer against one single-process layer on all ranks' tokens; max errors by name."""
     torch.manual_seed(spec.get("seed", 0))
     E = spec.get("num_experts", 8)
-    layer = MoELayer(D, F, E, spec["router"], **spec.get("options", {}))
+    device = torch.device(f"cuda:{rank}") if spec.get("device") == "cuda" else torch.device("cpu")
+    layer = MoELayer(D, F, E, spec["router"], **spec.get("options", {})).to(device)
     layer.train(spec.get("train", True))
     if spec.get("hot_expert") is not None:  # skew the routing towards one expert
         with torch.no_grad():  # needs router_bias=True
@@ -66,12 +67,13 @@ def equality(rank: int, world: int, spec: dict) -> dict:
     opt_ref = torch.optim.SGD(ref.parameters(), lr=lr) if lr else None
     errs: dict[str, float] = defaultdict(float)
     mask_all = _mask(spec, total, sizes)
+    mask_all = None if mask_all is None else mask_all.to(device)
     ref_params = dict(ref.named_parameters())
     sl = slice(ep.first_expert, ep.first_expert + ep.experts_per_rank)
     for step in range(spec.get("steps", 1)):
         g = torch.Generator().manual_seed(100 + step)
-        X = torch.randn(total, D, generator=g)
-        G = torch.randn(total, D, generator=g)
+        X = torch.randn(total, D, generator=g).to(device)
+        G = torch.randn(total, D, generator=g).to(device)
         mask_r = None if mask_all is None else mask_all[off : off + n]
 
         def shaped(t, m):
@@ -123,9 +125,9 @@ def equality(rank: int, world: int, spec: dict) -> dict:
         want = rp[sl] if name.startswith("experts.") else rp
         errs[f"param:{name}"] = _err(p.detach(), want.detach())
     ref_bufs = dict(ref.named_buffers())
-    state = {k: v.clone() for k, v in ep.router.named_buffers()}
+    state = {k: v.detach().cpu().clone() for k, v in ep.router.named_buffers()}
     for k, v in state.items() if spec.get("routing", "global") == "global" else ():
-        errs[f"buffer:{k}"] = _err(v.float(), ref_bufs[f"router.{k}"].float())
+        errs[f"buffer:{k}"] = _err(v.float(), ref_bufs[f"router.{k}"].float().cpu())
     a = ep.last_assignment
     return {
         "errors": dict(errs),

@@ -256,3 +256,39 @@ def test_the_arena_page_and_router_pages_from_run_results(tmp_path, corpus, capl
     soft = next(f for f in families if f.name == "soft_moe")
     assert any("`soft_moe` was not run" in line for line in family_arena(ctx, soft, results))
     assert "No arena results are committed yet." in arena_page(ctx, [])
+
+
+def test_routing_traces_of_trained_models_feed_the_expert_parallel_simulator(tmp_path):
+    """``--dump-routing`` saves the validation routing; ``bench_ep.py --trace`` simulates it."""
+    import subprocess
+    import sys
+
+    results, traces = tmp_path / "results", tmp_path / "routing"
+    args = ["--corpus", str(SAMPLE), "--tiny", "--steps", "2", "--results", str(results)]
+    assert arena_run.main([*args, "--only", "topk", "--dump-routing", str(traces)]) == 0
+    trace = torch.load(traces / "topk__seed0.pt", weights_only=False)
+    assert len(trace["layers"]) == TINY.model.n_layers and trace["num_experts"] == TINY.model.num_experts
+    ids = trace["layers"][0]["expert_ids"]
+    assert ids.shape[1] == 2 and ids.shape[0] == trace["domains"].shape[0] > 0
+    assert trace["provenance"]["corpus_manifest_sha256"]
+    out = tmp_path / "ep.json"
+    script = SAMPLE.parent.parent / "scripts" / "bench_ep.py"
+    cmd = [sys.executable, str(script), "--trace", str(traces / "topk__seed0.pt")]
+    cmd += ["--world-sizes", "2,4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["traces"][0]["name"] == "topk" and doc["provenance"]["script"] == "scripts/bench_ep.py"
+    rows = doc["rows"]
+    assert {(r["world_size"], r["policy"]) for r in rows} >= {(2, "standard"), (4, "llep"), (4, "finemoe")}
+    for r in rows:
+        std = next(
+            s
+            for s in rows
+            if (s["world_size"], s["layer"], s["policy"]) == (r["world_size"], r["layer"], "standard")
+        )
+        assert r["mean_load"] == std["mean_load"]  # every policy computes the same rows
+        if r["policy"] in ("llep", "finemoe"):
+            assert r["max_load"] <= std["max_load"]
+    bad = subprocess.run([*cmd[:2], "--trace", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "not a routing trace" in bad.stderr

@@ -103,3 +103,24 @@ def test_layer_benchmark_against_transformers_and_compiled():
     )
     assert re.search(r"^layer / its grouped-GEMM floor = [0-9.]+", out, re.M)
     assert re.search(r"^compiled/eager: moe [0-9.]+, dense [0-9.]+", out, re.M)
+
+
+def test_expert_parallel_benchmark_help_and_spawned_run(tmp_path):
+    out = run("bench_ep.py", "--help")
+    assert "usage:" in out and "--world-sizes" in out and "--trace" in out and "torchrun" in out
+    res = tmp_path / "ep.json"
+    run(
+        "bench_ep.py",
+        *("--world-sizes", "2", "--tokens", "64", "--d-model", "16", "--d-hidden", "32", "--experts", "4"),
+        *("--steps", "2", "--warmup", "1", "--out", str(res)),
+    )
+    import json
+
+    doc = json.loads(res.read_text())
+    assert set(doc["provenance"]) >= {"commit", "torch", "machine", "date"}
+    (run_,) = doc["runs"]
+    assert run_["launcher"] == "spawn" and run_["world_size"] == 2
+    by = {r["policy"]: r for r in run_["results"]}
+    assert set(by) == {"standard", "llep", "finemoe", "relibra", "realb"}
+    assert all(r["mean_load"] == by["standard"]["mean_load"] for r in by.values())
+    assert by["llep"]["imbalance"] <= by["standard"]["imbalance"]

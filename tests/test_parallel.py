@@ -260,3 +260,26 @@ def test_benchmark_runs_under_torchrun(tmp_path):
     assert set(rows) == {"standard", "llep"}
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["bytes_per_step"] >= 0 and r["max_load"] >= r["mean_load"]
+
+
+def _cuda_specs(world: int) -> dict:
+    specs = _specs(world)
+    keep = ("topk", "switch_capacity", "deepseek_v3_bias", "sinkhorn", "expert_choice", "empty_rank")
+    out = {k: {**specs[k], "device": "cuda"} for k in keep}
+    out.update({f"{k}_cuda": {**v, "device": "cuda"} for k, v in _policy_specs(world).items()})
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_nccl_single_rank_equals_the_layer():
+    """On one GPU: the NCCL code path (CUDA tensors in every exchange) against the plain layer."""
+    specs = {k: v for k, v in _cuda_specs(1).items() if "policy" not in v}
+    _check(run_distributed(equality_many, 1, specs, backend="nccl", timeout=400), specs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL expert parallelism needs 2 CUDA devices")
+def test_nccl_expert_parallel_equals_one_process():
+    specs = _cuda_specs(2)
+    _check(run_distributed(equality_many, 2, specs, backend="nccl", timeout=400), specs)

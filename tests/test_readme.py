@@ -37,3 +37,12 @@ def test_the_readme_work_example_is_a_valid_curated_work() -> None:
     ]
     work = Work.model_validate(yaml.safe_load(block))
     assert work.authors and work.venue == "arXiv" and set(work.sources) >= {"title", "authors", "code"}
+
+
+def test_the_readme_expert_parallel_example_is_the_tested_one() -> None:
+    """The README's torchrun example is the site's, which tests/test_site_routers.py runs on 2 processes."""
+    from scripts.sitegen.pages_parallel import EXAMPLE, SIMULATE
+
+    text = README.read_text(encoding="utf-8")
+    assert f"```py\n{EXAMPLE}```" in text
+    assert f"```python\n{SIMULATE}```" in text

@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 import logging
 import math
+import os
 import platform
 import subprocess
 import time
@@ -369,10 +370,50 @@ def evaluate(model: TinyLM, val, prev_top: list | None) -> tuple[dict[str, Any],
     return out, tops
 
 
+@torch.no_grad()
+def routing_trace(model: TinyLM, val) -> dict[str, Any]:
+    """Every MoE layer's routing of the validation windows (real text), for ``impls.parallel``'s
+    simulator: ``{"layers": [{"expert_ids": long [T, K], "keep": bool [T, K]}, ...],
+    "num_experts": E, "domains": long [T], "domain_names": [...]}``; token-routing layers only."""
+    model.eval()
+    layers: list[dict[str, list[torch.Tensor]]] = []
+    doms = []
+    for di, (_, x, y) in enumerate(val):
+        dom = torch.full((x.shape[0],), di, dtype=torch.long)
+        _, _, plans, _ = _lm_loss(model, x, y, dom)
+        plans = [p for p in plans if isinstance(p, impls.RoutingPlan)]
+        for li, plan in enumerate(plans):
+            if len(layers) <= li:
+                layers.append({"expert_ids": [], "keep": []})
+            layers[li]["expert_ids"].append(plan.expert_ids_TK.clone())
+            layers[li]["keep"].append((plan.keep_TK & plan.selected_TK).clone())
+        doms.append(torch.full((x.numel(),), di, dtype=torch.long))
+    model.train()
+    moe = moe_layers(model)
+    return {
+        "layers": [{k: torch.cat(v) for k, v in layer.items()} for layer in layers],
+        "num_experts": moe[0].num_experts if moe else 0,
+        "d_model": moe[0].d_model if moe else 0,
+        "d_hidden": moe[0].d_hidden if moe else 0,
+        "activation": moe[0].activation if moe else "",
+        "domains": torch.cat(doms) if doms else torch.zeros(0, dtype=torch.long),
+        "domain_names": list(DOMAINS),
+    }
+
+
 def run(
-    name: str, seed: int, corpus: Corpus, cfg: ArenaConfig, progress: Callable[[int], None] | None = None
+    name: str,
+    seed: int,
+    corpus: Corpus,
+    cfg: ArenaConfig,
+    progress: Callable[[int], None] | None = None,
+    trace_path: Path | None = None,
 ) -> dict:
-    """Train and evaluate one entry; returns the result document (not yet written)."""
+    """Train and evaluate one entry; returns the result document (not yet written).
+
+    With ``trace_path``, the trained model's routing of the validation windows (``routing_trace``)
+    is also saved there (``torch.save``, written atomically), with the run's provenance.
+    """
     runs, note = applicability(name)
     base = {
         "name": name,
@@ -407,7 +448,16 @@ def run(
                 "so its loss may profit from that"
             )
         trained = _train(name, model, seed, corpus, cfg, progress)
-        return {**base, **built, **trained, "status": "ok", "provenance": provenance(corpus)}
+        prov = provenance(corpus)
+        if trace_path is not None:
+            val = Batches(corpus, cfg.model.seq_len, seed).validation(cfg.eval_windows)
+            trace = routing_trace(model, val)
+            trace.update(name=name, seed=seed, provenance=prov, config=cfg.describe())
+            trace_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = trace_path.with_name(trace_path.name + ".tmp")
+            torch.save(trace, tmp)
+            os.replace(tmp, trace_path)
+        return {**base, **built, **trained, "status": "ok", "provenance": prov}
     finally:
         torch.set_num_threads(threads)
 

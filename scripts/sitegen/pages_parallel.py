@@ -13,6 +13,7 @@ from scripts.sitegen.pages_works import work_link
 from scripts.sitegen.text import code, fence, md, rel
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_ep.json"
+TRACES = Path(__file__).resolve().parents[1] / "results" / "ep_traces.json"
 
 EXAMPLE = """\
 # torchrun --nproc-per-node 4 train.py
@@ -22,17 +23,17 @@ import torch.distributed as dist
 from impls import MoELayer
 from impls.parallel import ExpertParallel
 
-dist.init_process_group("gloo")          # "nccl" on GPUs
-torch.manual_seed(0)                       # the same full layer on every rank
+dist.init_process_group("gloo")  # "nccl" on GPUs
+torch.manual_seed(0)  # the same full layer on every rank
 layer = MoELayer(512, 1024, 16, "deepseek_v3", n_group=4, topk_group=2)
 moe = ExpertParallel(layer, policy="llep")  # this rank keeps 16 / 4 experts
 
-x = torch.randn(8, 256, 512)               # this rank's tokens
-out, plan = moe(x)                         # the mixture for them (add the residual yourself)
+x = torch.randn(8, 256, 512)  # this rank's tokens
+out, plan = moe(x)  # the mixture for them (add the residual yourself)
 loss = out.square().mean() + plan.aux_loss(moe.loss_coefficients)
 loss.backward()
-moe.all_reduce_grads()                     # or wrap the model: impls.parallel.data_parallel(model)
-moe.step()                                 # between-step router state (here the aux-free bias)
+moe.all_reduce_grads()  # or wrap the model: impls.parallel.data_parallel(model)
+moe.step()  # between-step router state (here the aux-free bias)
 """
 
 CHECKPOINT = """\
@@ -55,7 +56,7 @@ from impls import build_router
 from impls.parallel import counts_from_plan, simulate
 
 plan = build_router("topk", d_model=64, num_experts=16, k=2)(torch.randn(4096, 64))
-counts = counts_from_plan(plan, world_size=4)   # rows per (rank, expert)
+counts = counts_from_plan(plan, world_size=4)  # rows per (rank, expert)
 for policy in ("standard", "llep", "finemoe"):
     s = simulate(counts, policy, d_model=64, expert_numel=2 * 64 * 128)
     print(policy, s.load_R, round(s.imbalance, 3), s.step_bytes)
@@ -102,6 +103,36 @@ def _bench_table(doc: dict[str, Any]) -> list[str]:
         "",
     ]
     return out
+
+
+def _traces_table(doc: dict[str, Any]) -> list[str]:
+    prov = doc["provenance"]
+    names = ", ".join(f"`{t['name']}` (seed {t['seed']})" for t in doc["traces"])
+    out = [
+        "### On real text: arena routing traces",
+        "",
+        f"`scripts/bench_ep.py --trace` (commit `{prov['commit'][:12]}`, {md(prov['date'])}) fed the "
+        f"validation-text routing of trained arena models ({names}; `scripts/arena_run.py "
+        "--dump-routing`) to the simulator, every MoE layer's tokens cut into equal contiguous rank "
+        "shards. Mean and worst max/mean rows over the layers, and the mean bytes of one training step "
+        "(dispatch, combine and weight transfers, forward and backward; the routing all-gather is not "
+        "part of the simulator):",
+        "",
+        "| trace | ranks | policy | mean max/mean | worst max/mean | KB per step | weight transfers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in doc["rows"]:
+        groups.setdefault((r["trace"], r["world_size"], r["policy"]), []).append(r)
+    for (trace, world, policy), rows in groups.items():
+        mean = sum(r["imbalance"] for r in rows) / len(rows)
+        worst = max(r["imbalance"] for r in rows)
+        kb = sum(r["step_bytes"] for r in rows) / len(rows) / 1024
+        transfers = sum(r["transfers"] for r in rows) / len(rows)
+        out.append(
+            f"| `{trace}` | {world} | `{policy}` | {mean:.3f} | {worst:.3f} | {kb:.1f} | {transfers:.1f} |"
+        )
+    return [*out, ""]
 
 
 def parallel_page(ctx: SiteContext) -> str:
@@ -167,5 +198,8 @@ def parallel_page(ctx: SiteContext) -> str:
         out += ["`scripts/bench_ep.py` has not been run on this checkout: no figures to show.", ""]
     else:
         out += _bench_table(bench)
+    traces = load_bench(TRACES)
+    if traces is not None:
+        out += _traces_table(traces)
     out += [f"Back to the [router index]({rel(doc, ROUTERS_INDEX)}).", ""]
     return "\n".join(out)
