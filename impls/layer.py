@@ -669,6 +669,9 @@ class MoELayer(nn.Module):
             ``"grouped_mm"`` or ``"bmm"``.
         loss_coefficients: weights for ``plan.aux_loss``; default: the preset's, else none.
         dtype, device: of the expert weights (the router keeps float32 math regardless).
+        materialize_experts: ``False`` puts the routed experts on the ``meta`` device (shapes only, no
+            memory, no random draws): for ``impls.parallel.ExpertParallel.build``, which gives every
+            rank only its own experts.
         **router_options: router config fields (``k``, ``capacity_factor``,
             ``eval_capacity_factor``, ``min_capacity``, ``drop_policy``, ...), when ``router``
             is a name.
@@ -696,6 +699,7 @@ class MoELayer(nn.Module):
         loss_coefficients: Mapping[str, float] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        materialize_experts: bool = True,
         **router_options: Any,
     ):
         super().__init__()
@@ -747,7 +751,7 @@ class MoELayer(nn.Module):
             self.activation,
             bias=bool(layer_opts["expert_bias"]),
             dtype=dtype,
-            device=device,
+            device=device if materialize_experts else "meta",
         )
         self.output_bias: nn.Parameter | None = None
         if layer_opts["output_bias"]:

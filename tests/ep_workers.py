@@ -283,3 +283,26 @@ def refusals(rank: int, world: int) -> dict:
     except ValueError as exc:
         msgs["modality"] = str(exc)
     return msgs
+
+
+def built_sharded(rank: int, world: int, spec: dict) -> dict:
+    """``ExpertParallel.build`` against ``full_layer``: same weights (this rank's slice), same output."""
+    from impls.parallel import full_layer
+
+    args = (D, F, spec.get("num_experts", 8), spec["router"])
+    ep = ExpertParallel.build(*args, seed=spec.get("seed", 0), **spec.get("options", {}))
+    ref = full_layer(*args, seed=spec.get("seed", 0), **spec.get("options", {}))
+    ep.eval()
+    ref.eval()
+    sl = slice(ep.first_expert, ep.first_expert + ep.experts_per_rank)
+    want = ref.state_dict()
+    errs = {
+        k: _err(v, want[k][sl] if k.startswith("experts.") else want[k]) for k, v in ep.state_dict().items()
+    }
+    n = 6
+    X = torch.randn(world * n, D, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, _ = ep(X[rank * n : (rank + 1) * n])
+        out_ref, _ = ref(X)
+    errs["output"] = _err(out, out_ref[rank * n : (rank + 1) * n])
+    return errs

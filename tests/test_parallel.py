@@ -21,7 +21,16 @@ import pytest
 import torch
 
 from tests.dist_helpers import free_port, run_distributed
-from tests.ep_workers import D, F, checkpoint_load, checkpoint_save, ddp_training, equality_many, refusals
+from tests.ep_workers import (
+    D,
+    F,
+    built_sharded,
+    checkpoint_load,
+    checkpoint_save,
+    ddp_training,
+    equality_many,
+    refusals,
+)
 
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
@@ -192,6 +201,13 @@ def test_sharded_checkpoints_reshard_across_world_sizes():
         layer.load_state_dict(sd)
         for k, v in layer.state_dict().items():
             torch.testing.assert_close(v, full[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_built_sharded_equals_its_full_layer_on_any_world_size(world):
+    spec = {**DSV3, "seed": 5}
+    for errs in run_distributed(built_sharded, world, spec):
+        assert max(errs.values()) <= TOL, errs
 
 
 def test_data_parallel_trains_like_one_process():

@@ -13,7 +13,13 @@
 * ``impls.parallel.fp4`` — emulated NVFP4, for ReaLB's low-precision ranks.
 """
 
-from impls.parallel.expert_parallel import ExpertParallel, data_parallel, expert_parameter_names
+from impls.parallel.expert_parallel import (
+    ExpertParallel,
+    data_parallel,
+    expert_parameter_names,
+    full_layer,
+    seeded_experts,
+)
 from impls.parallel.policies import (
     POLICIES,
     Assignment,
@@ -46,6 +52,8 @@ __all__ = [
     "data_parallel",
     "expert_parameter_names",
     "fine_moe_placement",
+    "full_layer",
     "native_owner",
+    "seeded_experts",
     "simulate",
 ]

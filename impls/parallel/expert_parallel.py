@@ -53,6 +53,7 @@ all-to-alls, which expert parallelism needs by nature. Routers whose plan is not
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -67,7 +68,7 @@ from impls.parallel.policies import Assignment, DispatchPolicy, build_policy, na
 from impls.plan import RoutingPlan
 from impls.router import Router
 
-__all__ = ["ExpertParallel", "data_parallel", "expert_parameter_names"]
+__all__ = ["ExpertParallel", "data_parallel", "expert_parameter_names", "full_layer", "seeded_experts"]
 
 Routing = Literal["global", "local"]
 
@@ -155,6 +156,8 @@ class ExpertParallel(nn.Module):
         grad_reduction: ``"mean"`` (DDP's averaging) or ``"sum"``; see the module docstring.
         seed: base seed of the shared random stream of global routing in training (default: drawn
             on rank 0 and broadcast).
+        init_seed: for a layer built with ``materialize_experts=False`` (what ``build()`` does): the
+            seed of ``seeded_experts``, which draws this rank's experts.
 
     ``forward(x, padding_mask=None, *, token_modality=None, **inputs)`` takes this rank's tokens
     (``[batch, seq, D]`` or ``[T, D]``; ranks may pass different numbers, zero included, but the
@@ -173,6 +176,7 @@ class ExpertParallel(nn.Module):
         policy: str | DispatchPolicy | None = None,
         grad_reduction: Literal["mean", "sum"] = "mean",
         seed: int | None = None,
+        init_seed: int | None = None,
         **policy_options: Any,
     ):
         super().__init__()
@@ -216,6 +220,7 @@ class ExpertParallel(nn.Module):
         self.activation = layer.activation
         full = layer.experts
         w = full.w_in_EDF
+        device = self.router.gate.weight.device if w.is_meta else w.device
         self.experts = GroupedExperts(
             self.experts_per_rank,
             layer.d_model,
@@ -225,9 +230,12 @@ class ExpertParallel(nn.Module):
             swiglu_alpha=full.swiglu_alpha,
             swiglu_limit=full.swiglu_limit,
             dtype=w.dtype,
-            device=w.device,
+            device=device,
         )
-        self.load_full_experts(full)
+        if w.is_meta:  # built sharded: every expert drawn from its own seed, whatever the world size
+            seeded_experts(self.experts, self._init_seed(init_seed), first_expert=self.first_expert)
+        else:
+            self.load_full_experts(full)
         if grad_reduction == "mean" and W > 1:
             for p in self.experts.parameters():
                 p.register_hook(lambda g, w=W: g / w)
@@ -239,6 +247,52 @@ class ExpertParallel(nn.Module):
         self._seed, self._calls = int(seed), 0
         self.router._ep_global_stats = routing == "global"  # step_routers() must not sum again
         self.last_assignment: Assignment | None = None
+
+    @classmethod
+    def build(
+        cls,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int | None = None,
+        router: str | Router = "topk",
+        process_group: Any = None,
+        *,
+        seed: int = 0,
+        routing: Routing = "global",
+        policy: str | DispatchPolicy | None = None,
+        grad_reduction: Literal["mean", "sum"] = "mean",
+        policy_options: Mapping[str, Any] | None = None,
+        **layer_options: Any,
+    ) -> ExpertParallel:
+        """Build the layer sharded: no rank ever holds all experts.
+
+        The router, shared experts and output bias are drawn after ``torch.manual_seed(seed)`` (the
+        same on every rank); routed expert ``e`` is drawn from its own seed (``seeded_experts``), so
+        the weights do not depend on the world size and ``full_layer(...)`` with the same arguments
+        is the single-process layer this one shards. ``layer_options`` go to ``MoELayer``.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            layer = MoELayer(
+                d_model, d_hidden, num_experts, router, materialize_experts=False, **layer_options
+            )
+        return cls(
+            layer,
+            process_group,
+            routing=routing,
+            policy=policy,
+            grad_reduction=grad_reduction,
+            init_seed=seed,
+            **dict(policy_options or {}),
+        )
+
+    @staticmethod
+    def _init_seed(seed: int | None) -> int:
+        if seed is None:
+            raise ValueError(
+                "ExpertParallel: a layer with unmaterialized experts needs init_seed= (use build())"
+            )
+        return seed
 
     # ------------------------------------------------------------------ weights
     def _comm_device(self) -> torch.device:
@@ -307,7 +361,9 @@ class ExpertParallel(nn.Module):
             token_modality = token_modality.reshape(-1)
         W, group = self.world_size, self.process_group
         dev = self._comm_device()
-        meta = torch.tensor([x_TD.shape[0], -1 if seq is None else seq, x.shape[0] if x.dim() == 3 else 0])
+        meta = torch.tensor(
+            [x_TD.shape[0], -1 if seq is None else seq, x.shape[0] if x.dim() == 3 else 0, mask_T is not None]
+        )
         metas = [torch.empty_like(meta, device=dev) for _ in range(W)]
         dist.all_gather(metas, meta.to(dev), group=group)
         meta_W = torch.stack(metas).cpu()
@@ -343,9 +399,7 @@ class ExpertParallel(nn.Module):
         W, group, r = self.world_size, self.process_group, self.rank
         x_all = _gather_rows(x_TD, sizes, group, W, differentiable=True)
         mask_all = None
-        has_mask = torch.tensor([mask_T is not None], device=self._comm_device())
-        dist.all_reduce(has_mask, group=group)  # any rank with a mask: every rank passes one
-        if bool(has_mask.item()):
+        if bool(meta_W[:, 3].any()):  # any rank with a mask: every rank passes one
             m = (
                 mask_T
                 if mask_T is not None
@@ -547,6 +601,53 @@ class ExpertParallel(nn.Module):
             f"{self.first_expert + self.experts_per_rank - 1} of {self.num_experts}, "
             f"routing={self.routing!r}, policy={self.policy.name!r}, grad_reduction={self.grad_reduction!r}"
         )
+
+
+@torch.no_grad()
+def seeded_experts(experts: GroupedExperts, seed: int, first_expert: int = 0) -> GroupedExperts:
+    """Initialize every expert of ``experts`` from its own generator, seeded by ``(seed, expert id)``
+    (``first_expert`` is the id of its first expert): the same values whichever rank holds the
+    expert. Same distribution as ``GroupedExperts.reset_parameters`` (uniform, fan-in)."""
+    b_in, b_out = 1 / math.sqrt(experts.d_model), 1 / math.sqrt(experts.d_hidden)
+    device = experts.w_in_EDF.device
+    for i in range(experts.num_experts):  # initialization, once
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_expert + i)
+        experts.w_in_EDF[i].uniform_(-b_in, b_in, generator=g)
+        experts.w_out_EFD[i].uniform_(-b_out, b_out, generator=g)
+        if experts.b_in_EF is not None and experts.b_out_ED is not None:
+            experts.b_in_EF[i].uniform_(-b_in, b_in, generator=g)
+            experts.b_out_ED[i].uniform_(-b_out, b_out, generator=g)
+    return experts
+
+
+def full_layer(
+    d_model: int,
+    d_hidden: int,
+    num_experts: int | None = None,
+    router: str | Router = "topk",
+    *,
+    seed: int = 0,
+    **layer_options: Any,
+) -> MoELayer:
+    """The single-process ``MoELayer`` that ``ExpertParallel.build`` with the same arguments shards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = MoELayer(d_model, d_hidden, num_experts, router, materialize_experts=False, **layer_options)
+    meta = layer.experts
+    device = layer.router.gate.weight.device
+    layer.experts = GroupedExperts(
+        meta.num_experts,
+        meta.d_model,
+        meta.d_hidden,
+        meta.activation,  # type: ignore[arg-type]
+        bias=meta.has_bias,
+        swiglu_alpha=meta.swiglu_alpha,
+        swiglu_limit=meta.swiglu_limit,
+        dtype=meta.w_in_EDF.dtype,
+        device=device,
+    )
+    seeded_experts(layer.experts, seed)
+    return layer
 
 
 def _needs_modality():

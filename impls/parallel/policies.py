@@ -428,7 +428,10 @@ class ReLibra(DispatchPolicy):
       its hottest expert to the least-loaded rank of the node, enough to even the two, at most
       ``max_moves`` times per node.
 
-    Without a ``plan_placement`` call the placement is the native one. Experts whose planned rank is
+    The placement is state of the policy instance: give every MoE layer its own ``ReLibra`` (and
+    call ``layer.policy.plan_placement(replayed_loads_E, world_size)`` per layer, with the loads its
+    replayed routing gives, e.g. ``counts_from_plan(plan, W).sum(0)``). Without a
+    ``plan_placement`` call the placement is the native one. Experts whose planned rank is
     not their native rank receive their weights for the step (the paper moves them for the whole
     global batch); the simulator counts those bytes.
     """
