@@ -244,6 +244,12 @@ def test_simulator_counts_bytes_by_hand():
     assert ll.weight_bytes == 1 * expert_numel * 4 and ll.transfers == 1
     assert ll.step_bytes == 2 * (ll.token_bytes + ll.weight_bytes)
     assert ll.as_dict()["max_load"] == 8
+    assert std.makespan == std.imbalance == 2.0
+    # ReaLB: the hot rank at half time; the step waits for the slowest rank
+    counts = np.array([[600, 600, 50, 50], [600, 600, 50, 50]])
+    rb = simulate(counts, "realb", batch_threshold=0, fp4_speedup=2.0)
+    assert rb.assignment.low_precision_R.tolist() == [True, False]
+    assert rb.makespan == max(2400 / 2, 200) / 1300 < simulate(counts).makespan
 
 
 def test_counts_from_plan_and_traces():

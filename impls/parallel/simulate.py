@@ -9,7 +9,9 @@ runs, and reports what the step would cost on ``W`` ranks without starting any p
   all-to-alls; rows that stay on their source rank cost nothing), ``weight_bytes`` — expert
   weights sent to ranks that compute an expert they do not own; the backward pass moves the same
   amounts again (gradients), reported as ``step_bytes`` = 2 x (tokens + weights);
-* ``compute_time_R`` — rows per rank with ReaLB's low-precision ranks divided by its speed-up.
+* ``compute_time_R`` — rows per rank with ReaLB's low-precision ranks divided by its speed-up, and
+  ``makespan`` — the slowest rank's compute time over the mean rows per rank (what the step waits
+  for; equal to ``imbalance`` for the policies that only move rows).
 
 ``counts_from_plan(plan, world_size)`` cuts a single-process plan's tokens into ``W`` equal
 contiguous shards (the ranks' batches) and counts the kept rows per ``(rank, expert)``;
@@ -94,6 +96,10 @@ class Simulation:
         return self.imbalance - 1.0
 
     @property
+    def makespan(self) -> float:
+        return float(self.compute_time_R.max() / self.mean_load) if self.mean_load else 1.0
+
+    @property
     def step_bytes(self) -> int:
         return 2 * (self.token_bytes + self.weight_bytes)
 
@@ -105,6 +111,7 @@ class Simulation:
             "mean_load": self.mean_load,
             "imbalance": self.imbalance,
             "compute_time": self.compute_time_R.tolist(),
+            "makespan": self.makespan,
             "token_bytes": self.token_bytes,
             "weight_bytes": self.weight_bytes,
             "step_bytes": self.step_bytes,

@@ -80,7 +80,7 @@ def _bench_table(doc: dict[str, Any]) -> list[str]:
         f"{cfg['steps']} steps, {cfg['threads']} thread(s) per process. The ranks share the machine's "
         "cores, so the throughput compares the policies' overheads; it is not a cluster's figure.",
         "",
-        "| ranks | policy | step ms | tokens/s | MB moved per step | max/mean rows | max/mean time "
+        "| ranks | policy | step ms | tokens/s | MB moved per step | max/mean rows | makespan "
         "| speed vs standard |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -91,15 +91,16 @@ def _bench_table(doc: dict[str, Any]) -> list[str]:
             out.append(
                 f"| {run['world_size']} | `{r['policy']}` | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
                 f"{r['bytes_per_step'] / 2**20:.2f} | {r['imbalance']:.3f} | "
-                f"{r['compute_time_imbalance']:.3f} | {rel_speed} |"
+                f"{r['makespan']:.3f} | {rel_speed} |"
             )
     out += [
         "",
         "*max/mean rows*: the most-loaded rank's rows over the mean (1.0 is perfect balance); "
-        "*max/mean time*: the same with ReaLB's low-precision ranks counted at 1/`fp4_speedup` of their "
-        "rows (on this CPU the emulated NVFP4 costs time instead of saving it, so its measured step "
-        "time is slower). Bytes count the routing all-gather, the dispatch and combine all-to-alls and "
-        "the weights a policy sends, forward and backward, all ranks together.",
+        "*makespan*: the slowest rank's compute time over the mean rows per rank, ReaLB's low-precision "
+        "ranks counted at 1/`fp4_speedup` of their rows (on this CPU the emulated NVFP4 costs time "
+        "instead of saving it, so its measured step time is slower). Bytes count the routing "
+        "all-gather, the dispatch and combine all-to-alls and the weights a policy sends, forward "
+        "and backward, all ranks together.",
         "",
     ]
     return out
@@ -114,12 +115,13 @@ def _traces_table(doc: dict[str, Any]) -> list[str]:
         f"`scripts/bench_ep.py --trace` (commit `{prov['commit'][:12]}`, {md(prov['date'])}) fed the "
         f"validation-text routing of trained arena models ({names}; `scripts/arena_run.py "
         "--dump-routing`) to the simulator, every MoE layer's tokens cut into equal contiguous rank "
-        "shards. Mean and worst max/mean rows over the layers, and the mean bytes of one training step "
-        "(dispatch, combine and weight transfers, forward and backward; the routing all-gather is not "
-        "part of the simulator):",
+        "shards. Mean and worst max/mean rows over the layers, the mean makespan (ReaLB's time model), "
+        "and the mean bytes of one training step (dispatch, combine and weight transfers, forward and "
+        "backward; the routing all-gather is not part of the simulator):",
         "",
-        "| trace | ranks | policy | mean max/mean | worst max/mean | KB per step | weight transfers |",
-        "|---|---|---|---|---|---|---|",
+        "| trace | ranks | policy | mean max/mean | worst max/mean | makespan | KB per step "
+        "| weight transfers |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for r in doc["rows"]:
@@ -128,9 +130,11 @@ def _traces_table(doc: dict[str, Any]) -> list[str]:
         mean = sum(r["imbalance"] for r in rows) / len(rows)
         worst = max(r["imbalance"] for r in rows)
         kb = sum(r["step_bytes"] for r in rows) / len(rows) / 1024
+        span = sum(r["makespan"] for r in rows) / len(rows)
         transfers = sum(r["transfers"] for r in rows) / len(rows)
         out.append(
-            f"| `{trace}` | {world} | `{policy}` | {mean:.3f} | {worst:.3f} | {kb:.1f} | {transfers:.1f} |"
+            f"| `{trace}` | {world} | `{policy}` | {mean:.3f} | {worst:.3f} | {span:.3f} | {kb:.1f} | "
+            f"{transfers:.1f} |"
         )
     return [*out, ""]
 
