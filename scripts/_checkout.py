@@ -16,6 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("catalog", "impls")
 
 
+def commit() -> str:
+    """This checkout's ``HEAD`` commit, ``+dirty`` when the working tree differs from it (``unknown``
+    outside git): the provenance stamp of every measurement a script writes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        head = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def bind() -> None:
     root = str(ROOT)
     sys.path[:] = [root, *(p for p in sys.path if p != root)]

@@ -34,7 +34,7 @@ the throughput figures measure the implementation's overheads, not a cluster's n
 
 from __future__ import annotations
 
-import _checkout  # noqa: F401  (first: this checkout's packages and data)
+import _checkout  # first: this checkout's packages and data
 
 # isort: split
 
@@ -47,7 +47,6 @@ import pickle
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -113,17 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def provenance() -> dict[str, str]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        )
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
     return {
-        "commit": commit + ("+dirty" if dirty else ""),
+        "commit": _checkout.commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -23,7 +23,7 @@ show them. Run with ``--help`` for options.
 
 from __future__ import annotations
 
-import _checkout  # noqa: F401  (first: this checkout's packages and data)
+import _checkout  # first: this checkout's packages and data
 
 # isort: split
 
@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -85,18 +84,9 @@ def worst_by_epsilon(rows: list[dict]) -> dict[float, float]:
 
 
 def provenance() -> dict[str, str]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        )
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
     cpu = platform.processor() or platform.system()
     return {
-        "commit": commit + ("+dirty" if dirty else ""),
+        "commit": _checkout.commit(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {cpu}, {torch.get_num_threads()} threads",

@@ -221,17 +221,7 @@ class ExpertParallel(nn.Module):
         full = layer.experts
         w = full.w_in_EDF
         device = self.router.gate.weight.device if w.is_meta else w.device
-        self.experts = GroupedExperts(
-            self.experts_per_rank,
-            layer.d_model,
-            layer.d_hidden,
-            full.activation,  # type: ignore[arg-type]
-            bias=full.has_bias,
-            swiglu_alpha=full.swiglu_alpha,
-            swiglu_limit=full.swiglu_limit,
-            dtype=w.dtype,
-            device=device,
-        )
+        self.experts = _experts_like(full, self.experts_per_rank, device)
         if w.is_meta:  # built sharded: every expert drawn from its own seed, whatever the world size
             seeded_experts(self.experts, self._init_seed(init_seed), first_expert=self.first_expert)
         else:
@@ -633,21 +623,24 @@ def full_layer(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = MoELayer(d_model, d_hidden, num_experts, router, materialize_experts=False, **layer_options)
-    meta = layer.experts
-    device = layer.router.gate.weight.device
-    layer.experts = GroupedExperts(
-        meta.num_experts,
-        meta.d_model,
-        meta.d_hidden,
-        meta.activation,  # type: ignore[arg-type]
-        bias=meta.has_bias,
-        swiglu_alpha=meta.swiglu_alpha,
-        swiglu_limit=meta.swiglu_limit,
-        dtype=meta.w_in_EDF.dtype,
-        device=device,
-    )
+    layer.experts = _experts_like(layer.experts, layer.num_experts, layer.router.gate.weight.device)
     seeded_experts(layer.experts, seed)
     return layer
+
+
+def _experts_like(experts: GroupedExperts, num_experts: int, device: torch.device) -> GroupedExperts:
+    """``num_experts`` new experts with the shapes, activation, biases and dtype of ``experts``."""
+    return GroupedExperts(
+        num_experts,
+        experts.d_model,
+        experts.d_hidden,
+        experts.activation,  # type: ignore[arg-type]
+        bias=experts.has_bias,
+        swiglu_alpha=experts.swiglu_alpha,
+        swiglu_limit=experts.swiglu_limit,
+        dtype=experts.w_in_EDF.dtype,
+        device=device,
+    )
 
 
 def _needs_modality():
