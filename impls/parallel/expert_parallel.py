@@ -45,9 +45,11 @@ expert gradients are left as they are, and each rank's plan carries ``1/W`` of e
 Under either, every gradient equals the single-process layer's on the concatenated batch for
 the matching objective.
 
-Host syncs per forward: the token-count exchange (one small all-gather) and the split sizes of the
-all-to-alls, which expert parallelism needs by nature. Routers whose plan is not a ``RoutingPlan``
-(Soft MoE's slots, merged experts) cannot be sharded this way and are refused.
+Every rank must run the backward pass through every ``ExpertParallel`` layer it ran forward (its
+peers wait for it in the reverse exchanges; a rank without tokens, or one that receives no rows,
+still joins them). Host syncs per forward: the token-count exchange (one small all-gather) and the
+split sizes of the all-to-alls, which expert parallelism needs by nature. Routers whose plan is not
+a ``RoutingPlan`` (Soft MoE's slots, merged experts) cannot be sharded this way and are refused.
 """
 
 from __future__ import annotations
